@@ -1,0 +1,154 @@
+"""Torch datasets, MLM masking, samplers and loaders for training and evaluation."""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader, Dataset
+
+from utils.simple_tokenizer import SimpleTokenizer, tokenize
+
+from .bases import BaseDataset
+from .sampler import RandomIdentitySampler
+from .transforms import build_transforms
+
+ImageFile.LOAD_TRUNCATED_IMAGES = True
+logger = logging.getLogger(__name__)
+
+
+def read_image(path: str) -> Image.Image:
+    return Image.open(path).convert("RGB")
+
+
+@dataclass
+class MaskingConfig:
+    """IRRA's MLM masking: select content tokens with ``prob``; of those, ``mask_rate`` become
+    <|mask|>, ``unchanged_rate`` stay, the rest become a random content id."""
+    prob: float = 0.15
+    mask_rate: float = 0.8
+    unchanged_rate: float = 0.1
+
+
+def mask_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, cfg: MaskingConfig,
+                rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked copy of ``ids`` and labels (original id at selected positions, 0 elsewhere).
+
+    Eligible tokens are ids 1..mask_id-1 (no padding, <|mask|>, SOT or EOT). If nothing was
+    selected, position 1 is masked so every caption has a label (IRRA).
+    """
+    rng = rng or random
+    masked = ids.clone()
+    labels = torch.zeros_like(ids)
+    for i, token in enumerate(ids.tolist()):
+        if not 0 < token < tokenizer.mask_id or rng.random() >= cfg.prob:
+            continue
+        labels[i] = token
+        draw = rng.random()
+        if draw < cfg.mask_rate:
+            masked[i] = tokenizer.mask_id
+        elif draw < 1.0 - cfg.unchanged_rate:
+            masked[i] = rng.randrange(1, tokenizer.mask_id)
+    if not labels.any():
+        labels[1] = ids[1]
+        masked[1] = tokenizer.mask_id
+    return masked, labels
+
+
+class ImageTextDataset(Dataset):
+    """Training samples, one per caption: pids, image_ids, images, caption_ids (+ mlm_ids, mlm_labels).
+
+    With ``global_sees_masked_caption`` (IRRA's aliasing, spec 5.7) ``caption_ids`` is the masked
+    caption too, so the global losses train on it as in the released IRRA numbers.
+    """
+
+    def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
+                 masking: MaskingConfig | None = None, global_sees_masked_caption: bool = False):
+        self.records = records
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.text_length = text_length
+        self.masking = masking
+        self.aliasing = global_sees_masked_caption
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        pid, image_id, img_path, caption = self.records[index]
+        ids = tokenize(caption, self.tokenizer, self.text_length)
+        sample = {"pids": pid, "image_ids": image_id,
+                  "images": self.transform(read_image(img_path)), "caption_ids": ids}
+        if self.masking is not None:
+            masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
+            sample.update(mlm_ids=masked, mlm_labels=labels)
+            if self.aliasing:
+                sample["caption_ids"] = masked
+        return sample
+
+
+class ImageDataset(Dataset):
+    """Gallery images: (pid, image tensor)."""
+
+    def __init__(self, pids: list[int], paths: list[str], transform):
+        self.pids, self.paths, self.transform = pids, paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        return self.pids[index], self.transform(read_image(self.paths[index]))
+
+
+class TextDataset(Dataset):
+    """Query captions: (pid, token ids)."""
+
+    def __init__(self, pids: list[int], captions: list[str], tokenizer: SimpleTokenizer, text_length: int = 77):
+        self.pids, self.captions = pids, captions
+        self.tokenizer, self.text_length = tokenizer, text_length
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int):
+        return self.pids[index], tokenize(self.captions[index], self.tokenizer, self.text_length)
+
+
+def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    """List of sample dicts -> dict of stacked tensors (ints become a LongTensor)."""
+    out = {}
+    for key in batch[0]:
+        values = [sample[key] for sample in batch]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
+    return out
+
+
+def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, split: str = "test"):
+    """(image loader, text loader) over a split: gallery images and query captions."""
+    data = getattr(dataset, split)
+    transform = build_transforms(cfg.img_size, is_train=False)
+    kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
+    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform), **kwargs),
+            DataLoader(TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length), **kwargs))
+
+
+def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer,
+                       batch_keys: set[str], generator: torch.Generator | None = None) -> DataLoader:
+    """Loader of training samples; masked captions are built if a head needs them or ``cfg.MLM``."""
+    masking = None
+    if "mlm_ids" in batch_keys or cfg.MLM:
+        masking = MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate)
+    train_set = ImageTextDataset(
+        dataset.train, build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value), tokenizer,
+        cfg.text_length, masking, cfg.global_sees_masked_caption)
+    kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
+                  generator=generator,
+                  persistent_workers=cfg.num_workers > 0)
+    if cfg.sampler == "identity":
+        sampler = RandomIdentitySampler([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance)
+        return DataLoader(train_set, sampler=sampler, **kwargs)
+    return DataLoader(train_set, shuffle=True, drop_last=False, **kwargs)
+
+

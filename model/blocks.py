@@ -1,0 +1,95 @@
+"""Transformer building blocks shared by the CLIP encoders and the heads (batch-first layout).
+
+Parameter names follow OpenAI CLIP (``attn.in_proj_weight``, ``mlp.c_fc``...), so checkpoints
+load without renaming. Attention goes through ``F.scaled_dot_product_attention``, which equals
+the plain softmax(QK^T/sqrt(d))V formula in fp32 and uses fused kernels where available.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype (as CLIP)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout, batch-first."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                causal: bool = False) -> torch.Tensor:
+        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        b_q, b_k, b_v = self.in_proj_bias.chunk(3)
+        q, k, v = (self._split(F.linear(x, w, b))
+                   for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        batch, _, length, _ = out.shape
+        return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        return x.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), MLP with QuickGELU (CLIP)."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, width * 4)),
+            ("gelu", QuickGELU()),
+            ("c_proj", nn.Linear(width * 4, width)),
+        ]))
+        self.ln_2 = LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, causal=causal)
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, width: int, layers: int, heads: int):
+        super().__init__()
+        self.width = width
+        self.layers = layers
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, causal=causal)
+        return x
+
+    def init_weights(self, attn_std: float, proj_std: float, fc_std: float) -> None:
+        """CLIP's initialisation of the blocks (also IRRA's for its cross-modal transformer)."""
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)

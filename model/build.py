@@ -1,0 +1,75 @@
+"""The trainable model: the CLIP dual encoder plus the heads named in ``loss_names``."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .clip import CLIPConfig, CLIPEncoder
+from .clip_loading import load_openai_clip
+from .heads import HEADS, Batch, EncoderOutput, parse_loss_names
+
+SCRATCH = "none"  # pretrain_choice that builds the encoder from the size keys, randomly initialised
+
+
+class TBPSModel(nn.Module):
+    """Encoder + ``ModuleDict`` of heads: one module, one state dict (``encoder.*``, ``heads.<name>.*``)."""
+
+    def __init__(self, encoder: CLIPEncoder, heads: dict[str, nn.Module]):
+        super().__init__()
+        self.encoder = encoder
+        self.heads = nn.ModuleDict(heads)
+
+    def encode(self, batch: Batch) -> EncoderOutput:
+        image_tokens = self.encoder.encode_image(batch["images"])
+        text_tokens = self.encoder.encode_text(batch["caption_ids"])
+        return EncoderOutput(image_tokens, text_tokens, self.encoder.image_global(image_tokens),
+                             self.encoder.text_global(text_tokens, batch["caption_ids"]))
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        out = self.encode(batch)
+        results: dict[str, torch.Tensor] = {}
+        for head in self.heads.values():
+            results.update(head(batch, out, self.encoder))
+        return results
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Global image features for retrieval, [B, E] fp32."""
+        return self.encoder.image_global(self.encoder.encode_image(images))
+
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Global text features for retrieval, [B, E] fp32."""
+        return self.encoder.text_global(self.encoder.encode_text(text_ids), text_ids)
+
+    def required_batch_keys(self) -> set[str]:
+        return {key for head in self.heads.values() for key in head.batch_keys}
+
+
+def encoder_config_from(cfg) -> CLIPConfig:
+    """Architecture given by the config's size keys (training from scratch)."""
+    return CLIPConfig(embed_dim=cfg.embed_dim, vision_width=cfg.vision_width,
+                      vision_layers=cfg.vision_layers, vision_patch_size=cfg.vision_patch_size,
+                      image_size=tuple(cfg.img_size), stride_size=cfg.stride_size,
+                      text_width=cfg.text_width, text_layers=cfg.text_layers,
+                      context_length=cfg.text_length, vocab_size=cfg.vocab_size)
+
+
+def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
+    """CLIP from ``pretrain_choice`` (OpenAI name or checkpoint path) or from scratch (``none``).
+
+    With ``load_weights=False`` the architecture is rebuilt from the saved ``clip`` section of a
+    run config, so a trained run is evaluated without reading the pretrained checkpoint again.
+    """
+    if not load_weights and getattr(cfg, "clip", None):
+        arch = dict(cfg.clip)
+        arch["image_size"] = tuple(arch["image_size"])
+        return CLIPEncoder(CLIPConfig(**arch))
+    if cfg.pretrain_choice == SCRATCH:
+        return CLIPEncoder(encoder_config_from(cfg))
+    return load_openai_clip(cfg.pretrain_choice, tuple(cfg.img_size), cfg.stride_size, cfg.text_length)
+
+
+def build_model(cfg, num_classes: int, load_weights: bool = True) -> TBPSModel:
+    encoder = build_encoder(cfg, load_weights)
+    heads = {name: HEADS[name].from_config(cfg, encoder.config, num_classes)
+             for name in parse_loss_names(cfg.loss_names)}
+    return TBPSModel(encoder, heads)

@@ -1,0 +1,122 @@
+"""CLIP dual encoder: ViT image tower and causal text Transformer (OpenAI's parameter names).
+
+``encode_image`` returns every visual token after ``ln_post`` and ``proj`` ([B, 1+N, E]; the
+global feature is token 0, CLS); ``encode_text`` returns every text token after ``ln_final`` and
+``text_projection`` ([B, L, E]; the global feature is the EOT token, found as argmax of the ids).
+The encoder knows nothing about training heads.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .blocks import LayerNorm, Transformer
+
+
+@dataclass
+class CLIPConfig:
+    """Architecture of the dual encoder; inferred from a checkpoint or given for training from scratch."""
+    embed_dim: int = 512
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_patch_size: int = 16
+    image_size: tuple[int, int] = (384, 128)  # H, W
+    stride_size: int = 16
+    text_width: int = 512
+    text_layers: int = 12
+    context_length: int = 77
+    vocab_size: int = 49408
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """Patch grid (rows, columns); leftover pixels at the bottom/right are ignored (IRRA)."""
+        h, w = self.image_size
+        p, s = self.vision_patch_size, self.stride_size
+        return (h - p) // s + 1, (w - p) // s + 1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["image_size"] = list(self.image_size)
+        return d
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        width = cfg.vision_width
+        self.grid_size = cfg.grid_size
+        self.conv1 = nn.Conv2d(3, width, kernel_size=cfg.vision_patch_size, stride=cfg.stride_size,
+                               bias=False)
+        scale = width ** -0.5
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(num_patches + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, cfg.vision_layers, width // 64 or 1)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens plus their position embedding, [B, N, W] (no CLS)."""
+        x = self.conv1(images).flatten(2).transpose(1, 2)
+        return x + self.positional_embedding[1:].to(x.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.embed(images)
+        cls = (self.class_embedding + self.positional_embedding[0]).to(patches.dtype)
+        x = torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x) @ self.proj
+
+
+class CLIPEncoder(nn.Module):
+    """Image and text towers; state-dict keys are OpenAI CLIP's (without ``logit_scale``)."""
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_width // 64 or 1)
+        self.ln_final = LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """OpenAI CLIP's initialisation (used when training from scratch)."""
+        width, layers = self.transformer.width, self.transformer.layers
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        self.transformer.init_weights(width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5,
+                                      (2 * width) ** -0.5)
+        nn.init.normal_(self.text_projection, std=width ** -0.5)
+        vwidth, vlayers = self.visual.transformer.width, self.visual.transformer.layers
+        self.visual.transformer.init_weights(vwidth ** -0.5, vwidth ** -0.5 * (2 * vlayers) ** -0.5,
+                                             (2 * vwidth) ** -0.5)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.text_projection.shape[1]
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """All visual tokens after ``ln_post`` and ``proj``: [B, 1+N, E]."""
+        return self.visual(images)
+
+    def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """All text tokens after ``ln_final`` and ``text_projection``: [B, L, E]."""
+        x = self.token_embedding(text_ids) + self.positional_embedding
+        x = self.transformer(x, causal=True)
+        return self.ln_final(x) @ self.text_projection
+
+    @staticmethod
+    def image_global(image_tokens: torch.Tensor) -> torch.Tensor:
+        return image_tokens[:, 0].float()
+
+    @staticmethod
+    def text_global(text_tokens: torch.Tensor, text_ids: torch.Tensor) -> torch.Tensor:
+        """The EOT token's feature; EOT (49407) is the largest id, so argmax finds it."""
+        rows = torch.arange(text_tokens.shape[0], device=text_tokens.device)
+        return text_tokens[rows, text_ids.argmax(dim=-1)].float()

@@ -1,0 +1,6 @@
+"""Training heads; importing this package registers every head."""
+from . import contrastive, identity, mlm  # noqa: F401  (registration)
+from .base import Batch, EncoderOutput, Head
+from .registry import HEADS, parse_loss_names, register_head
+
+__all__ = ["Batch", "EncoderOutput", "HEADS", "Head", "parse_loss_names", "register_head"]

@@ -1,0 +1,59 @@
+"""Loss functions on global features, pure and shared by the heads (IRRA's definitions).
+
+Features are un-normalised [B, E] tensors; each loss normalises where its definition says so.
+Similarity rows are texts, columns images, unless stated otherwise.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SDM_EPS = 1e-8
+
+
+def identity_labels(pids: torch.Tensor) -> torch.Tensor:
+    """y[i, j] = 1 if sample i and sample j share an identity (float)."""
+    return (pids.view(-1, 1) == pids.view(1, -1)).float()
+
+
+def _kl_to_target(logits: torch.Tensor, target: torch.Tensor, eps: float) -> torch.Tensor:
+    """mean_i sum_j p_ij (log p_ij - log(q_ij + eps)), p = row softmax of logits."""
+    log_p = F.log_softmax(logits, dim=1)
+    return (log_p.exp() * (log_p - torch.log(target + eps))).sum(dim=1).mean()
+
+
+def sdm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor,
+             logit_scale: float, eps: float = SDM_EPS) -> torch.Tensor:
+    """Similarity Distribution Matching: KL(softmax(s*cos) || q) text->image plus image->text.
+
+    q is the row-normalised same-identity matrix (IRRA divides by column sums, which is the
+    same because the matrix is symmetric).
+    """
+    image_norm = F.normalize(image_feats, dim=1)
+    text_norm = F.normalize(text_feats, dim=1)
+    labels = identity_labels(pids)
+    target = labels / labels.sum(dim=1, keepdim=True)
+    t2i = logit_scale * text_norm @ image_norm.t()
+    return _kl_to_target(t2i, target, eps) + _kl_to_target(t2i.t(), target, eps)
+
+
+def itc_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """InfoNCE with diagonal targets (same-identity pairs off the diagonal count as negatives)."""
+    logits = logit_scale * F.normalize(image_feats, dim=1) @ F.normalize(text_feats, dim=1).t()
+    targets = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+
+
+def cmpm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor,
+              eps: float = SDM_EPS) -> torch.Tensor:
+    """Cross-Modal Projection Matching: un-normalised features projected on the other side's
+    unit vectors, matched to labels divided by their row's L2 norm (IRRA's definition)."""
+    labels = identity_labels(pids)
+    target = labels / labels.norm(dim=1, keepdim=True)
+    image_on_text = image_feats @ F.normalize(text_feats, dim=1).t()
+    text_on_image = text_feats @ F.normalize(image_feats, dim=1).t()
+    return _kl_to_target(image_on_text, target, eps) + _kl_to_target(text_on_image, target, eps)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return (logits.argmax(dim=1) == labels).float().mean()

@@ -1,0 +1,55 @@
+"""Optimizer with IRRA's parameter groups, assigned by module role, and the scheduler.
+
+Roles (declared by each head's ``param_roles``; the encoder and everything else is 'base'):
+  base        weights lr, wd                       biases lr*bias_lr_factor, wd_bias
+  cross       weights lr*lr_factor, wd             biases lr*bias_lr_factor, wd_bias
+  classifier  weights lr*lr_factor, wd             biases lr*lr_factor, wd_bias
+(IRRA: new cross-modal modules x5, biases x2 without decay, classifier and MLM head x5.)
+IRRA makes one group per tensor; we make one group per (lr, weight decay), the same update.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .lr_scheduler import WarmupScheduler
+
+
+def param_role(model: nn.Module, name: str) -> str:
+    """Role of a parameter of a ``TBPSModel`` given its full name."""
+    parts = name.split(".")
+    if parts[0] == "heads":
+        return model.heads[parts[1]].role_of(".".join(parts[2:]))
+    return "base"
+
+
+def lr_and_decay(cfg, role: str, is_bias: bool) -> tuple[float, float]:
+    lr = cfg.lr * (cfg.lr_factor if role in ("cross", "classifier") else 1.0)
+    if is_bias:
+        return (lr if role == "classifier" else cfg.lr * cfg.bias_lr_factor), cfg.weight_decay_bias
+    return lr, cfg.weight_decay
+
+
+def build_param_groups(cfg, model: nn.Module) -> list[dict]:
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        key = lr_and_decay(cfg, param_role(model, name), name.endswith("bias"))
+        groups.setdefault(key, []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    groups = build_param_groups(cfg, model)
+    if cfg.optimizer == "SGD":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+    optim_cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
+    return optim_cls(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=cfg.optimizer_eps)
+
+
+def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> WarmupScheduler:
+    return WarmupScheduler(optimizer, mode=cfg.lrscheduler, total_epochs=cfg.num_epoch,
+                           warmup_epochs=cfg.warmup_epochs, warmup_factor=cfg.warmup_factor,
+                           warmup_method=cfg.warmup_method, milestones=tuple(cfg.milestones),
+                           gamma=cfg.gamma, target_lr=cfg.target_lr)

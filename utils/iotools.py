@@ -1,0 +1,67 @@
+"""Logging set-up, seeding, device choice and atomic file writes."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def setup_logger(save_dir: str | Path | None, filename: str) -> logging.Logger:
+    """Root logger to stdout and ``save_dir/filename`` (overwritten)."""
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if save_dir is not None:
+        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(Path(save_dir) / filename, mode="w"))
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+    return logging.getLogger("tbps")
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_json(obj: Any, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))

@@ -1,0 +1,184 @@
+"""Configuration: defaults < YAML file (``--config_file``) < command-line flags.
+
+Every key is also a flag of the same name (IRRA's names, e.g. ``--loss_names``, ``--MLM``).
+Unknown YAML keys are an error that suggests the closest known key. A YAML file may name
+another one to start from with ``_base_`` (a path relative to the file).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import yaml
+
+DEFAULTS: dict[str, Any] = {
+    # run
+    "name": "baseline",
+    "output_dir": "",          # the run directory itself; empty: logs/<dataset>/<time>_<name>
+    "log_period": 100,
+    "eval_period": 1,
+    "val_dataset": "test",     # split used for per-epoch evaluation and model selection
+    "resume": False,
+    "resume_ckpt_file": "",
+    "seed": 1,
+    "device": "auto",          # auto (cuda if available), cpu, cuda, cuda:N
+    # model
+    "pretrain_choice": "ViT-B/16",  # OpenAI name, checkpoint path, or 'none' (from scratch)
+    "temperature": 0.02,
+    "img_size": [384, 128],
+    "stride_size": 16,
+    "text_length": 77,
+    "vocab_size": 49408,
+    # architecture when pretrain_choice is 'none' (from the checkpoint's shapes otherwise)
+    "embed_dim": 512,
+    "vision_width": 768,
+    "vision_layers": 12,
+    "vision_patch_size": 16,
+    "text_width": 512,
+    "text_layers": 12,
+    # heads
+    "loss_names": "sdm+id+mlm",
+    "sdm_loss_weight": 1.0,
+    "itc_loss_weight": 1.0,
+    "cmpm_loss_weight": 1.0,
+    "id_loss_weight": 1.0,
+    "mlm_loss_weight": 1.0,
+    "cmt_depth": 4,
+    # data
+    "dataset_name": "CUHK-PEDES",
+    "root_dir": "./data",
+    "sampler": "random",
+    "num_instance": 4,
+    "batch_size": 128,
+    "test_batch_size": 512,
+    "num_workers": 8,
+    "img_aug": False,
+    "erase_value": "zero",    # RandomErasing fill: 'zero' or 'clip_mean' (IRRA: mean after Normalize)
+    "MLM": False,             # build masked captions even if no head asks for them
+    "mlm_prob": 0.15,                     # share of content tokens selected for MLM
+    "masked_token_rate": 0.8,             # selected tokens replaced by <|mask|>
+    "masked_token_unchanged_rate": 0.1,   # selected tokens left unchanged (the rest: random id)
+    "global_sees_masked_caption": False,  # IRRA's aliasing: SDM/ID see the masked caption
+    # solver
+    "optimizer": "Adam",
+    "lr": 1e-5,
+    "bias_lr_factor": 2.0,
+    "lr_factor": 5.0,
+    "momentum": 0.9,
+    "weight_decay": 4e-5,
+    "weight_decay_bias": 0.0,
+    "alpha": 0.9,
+    "beta": 0.999,
+    "optimizer_eps": 1e-3,    # IRRA hard-codes Adam eps 1e-3
+    "num_epoch": 60,
+    "lrscheduler": "cosine",
+    "milestones": [20, 50],
+    "gamma": 0.1,
+    "warmup_factor": 0.1,
+    "warmup_epochs": 5,
+    "warmup_method": "linear",
+    "target_lr": 0.0,
+}
+
+CHOICES = {
+    "sampler": ("random", "identity"),
+    "optimizer": ("Adam", "AdamW", "SGD"),
+    "lrscheduler": ("cosine", "step"),
+    "warmup_method": ("linear", "constant"),
+    "erase_value": ("zero", "clip_mean"),
+    "val_dataset": ("test", "val"),
+}
+# Keys written by the program into a run's configs.yaml, accepted when it is read back.
+RUN_KEYS = ("num_classes", "clip", "training")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake the user can fix (unknown key, bad value)."""
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = DEFAULTS[key]
+    try:
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise TypeError
+        elif isinstance(default, int):
+            if isinstance(value, bool) or float(value) != int(value):
+                raise TypeError
+            value = int(value)
+        elif isinstance(default, float):
+            value = float(value)
+        elif isinstance(default, list):
+            value = [type(default[0])(v) for v in value]
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {value!r}") from None
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key '{key}' is '{value}'; valid: {', '.join(CHOICES[key])}")
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config (following ``_base_``), checking every key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {err}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    merged: dict[str, Any] = {}
+    base = data.pop("_base_", None)
+    if base:
+        merged.update(load_yaml(path.parent / base))
+    for key, value in data.items():
+        if key in RUN_KEYS:
+            merged[key] = value
+        elif key not in DEFAULTS:
+            raise ConfigError(f"unknown config key '{key}' in {path}{_closest(key)}")
+        else:
+            merged[key] = _coerce(key, value)
+    return merged
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config_file", default="", help="YAML config (a run's configs.yaml works too)")
+    for key, default in DEFAULTS.items():
+        if isinstance(default, bool):
+            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{key}", nargs="+", type=type(default[0]))
+        else:
+            parser.add_argument(f"--{key}", type=type(default), choices=CHOICES.get(key))
+    return parser
+
+
+def resolve(args: argparse.Namespace) -> SimpleNamespace:
+    """Merge defaults, the YAML file and the flags given on the command line."""
+    values = copy.deepcopy(DEFAULTS)
+    flags = vars(args).copy()
+    config_file = flags.pop("config_file", "")
+    if config_file:
+        values.update(load_yaml(config_file))
+    values.update({k: _coerce(k, v) if k in DEFAULTS else v for k, v in flags.items()})
+    if len(values["img_size"]) != 2:
+        raise ConfigError(f"img_size needs two values (height width), got {values['img_size']}")
+    return SimpleNamespace(**values)
+
+
+def save_config(cfg: SimpleNamespace, path: str | Path) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(vars(cfg), f, sort_keys=True)
