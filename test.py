@@ -10,7 +10,7 @@ import torch
 from datasets import DatasetError, build_dataset
 from datasets.build import build_eval_loaders
 from model.build import TBPSModel, build_encoder, build_model
-from model.clip_loading import CheckpointError
+from model.clip_loading import CheckpointError, load_strict
 from utils.iotools import resolve_device, setup_logger, write_json
 from utils.metrics import Evaluator, results_table
 from utils.options import ConfigError, build_parser, resolve, save_config
@@ -25,10 +25,7 @@ def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     except Exception as err:  # unpickling errors come in many types
         raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match the model: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
+    load_strict(model, state, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

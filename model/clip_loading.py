@@ -92,11 +92,18 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
+SHAPE_KEYS = ("visual.conv1.weight", "visual.positional_embedding", "text_projection",
+              "ln_final.weight", "positional_embedding", "token_embedding.weight")
+
+
 def infer_config(state: dict[str, torch.Tensor], image_size: tuple[int, int],
                  stride_size: int) -> CLIPConfig:
     """The ViT CLIP architecture described by a state dict's shapes."""
     if "visual.proj" not in state:
         raise CheckpointError("not a ViT CLIP checkpoint (no 'visual.proj'); ResNet CLIP is not supported")
+    missing = [k for k in SHAPE_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(f"CLIP checkpoint lacks {', '.join(missing)}")
     text_blocks = {k.split(".")[2] for k in state if k.startswith("transformer.resblocks.")}
     return CLIPConfig(
         embed_dim=state["text_projection"].shape[1],
@@ -125,23 +132,34 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
     return torch.cat([cls, patches.to(pos_embed.dtype)], dim=0)
 
 
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """``load_state_dict`` that names missing, unexpected and mis-shaped keys in one error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or mis_shaped:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}, wrong shape {mis_shaped[:5]}")
+    model.load_state_dict(state)
+
+
 def load_openai_clip(choice: str, image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
                      text_length: int = 77) -> CLIPEncoder:
     """Build a ``CLIPEncoder`` from an OpenAI model name or checkpoint path (fp32 weights)."""
     path = download_openai_checkpoint(choice) if choice in OPENAI_MODELS else Path(choice)
     state = {k: v for k, v in read_state_dict(path).items() if k not in IGNORED_KEYS}
-    cfg = infer_config(state, image_size, stride_size)
+    try:
+        cfg = infer_config(state, image_size, stride_size)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     if text_length != cfg.context_length:
         raise CheckpointError(
-            f"text_length {text_length} differs from the checkpoint's context length {cfg.context_length}")
+            f"text_length {text_length} differs from the context length {cfg.context_length} of {path}")
     model = CLIPEncoder(cfg)
     key = "visual.positional_embedding"
     if state[key].shape != model.visual.positional_embedding.shape:
         state[key] = resize_pos_embed(state[key], cfg.grid_size)
-    state = {k: v.float() for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f"{path} does not match CLIP: missing {sorted(missing)[:5]}, "
-                              f"unexpected {sorted(unexpected)[:5]}")
+    load_strict(model, {k: v.float() for k, v in state.items()}, path)
     logger.info("loaded CLIP from %s (%s)", path, cfg)
     return model

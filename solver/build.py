@@ -45,7 +45,8 @@ def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.optimizer == "SGD":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     optim_cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
-    return optim_cls(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=cfg.optimizer_eps)
+    return optim_cls(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=cfg.optimizer_eps,
+                     fused=True)  # one kernel over all tensors (CPU and CUDA); same update
 
 
 def build_lr_scheduler(cfg, optimizer: torch.optim.Optimizer) -> WarmupScheduler:

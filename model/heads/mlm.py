@@ -22,7 +22,7 @@ class MLMHead(Head):
 
     def __init__(self, embed_dim: int, vocab_size: int, depth: int = 4, weight: float = 1.0):
         super().__init__(weight)
-        heads = embed_dim // 64
+        heads = embed_dim // 64 or 1
         self.cross_attn = MultiheadAttention(embed_dim, heads)
         self.cross_modal_transformer = Transformer(embed_dim, depth, heads)
         self.ln_pre_t = LayerNorm(embed_dim)
