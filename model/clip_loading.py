@@ -12,6 +12,7 @@ import logging
 import os
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+        with warnings.catch_warnings():  # OpenAI's releases are TorchScript; the deprecation is not the user's
+            warnings.simplefilter("ignore", FutureWarning)
+            state = torch.jit.load(str(path), map_location="cpu").state_dict()
     except RuntimeError:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
