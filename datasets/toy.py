@@ -234,7 +234,7 @@ def draw_person(p: Identity, size: tuple[int, int], rng: np.random.Generator) ->
 
 def generate_toy_dataset(
     root: str | Path,
-    num_train_ids: int = 200,
+    num_train_ids: int = 1000,
     num_val_ids: int = 50,
     num_test_ids: int = 100,
     images_per_id: int = 2,

@@ -1,6 +1,6 @@
 """Generate the synthetic toy dataset in CUHK-PEDES format.
 
-Usage: python tools/generate_toy_data.py --root_dir data [--seed 0] [--num_train_ids 200]
+Usage: python tools/generate_toy_data.py --root_dir data [--seed 0] [--num_train_ids 1000]
 """
 
 import sys
@@ -20,7 +20,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root_dir", default="data", help="writes <root_dir>/CUHK-PEDES")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num_train_ids", type=int, default=200)
+    parser.add_argument("--num_train_ids", type=int, default=1000)
     parser.add_argument("--num_val_ids", type=int, default=50)
     parser.add_argument("--num_test_ids", type=int, default=100)
     parser.add_argument("--images_per_id", type=int, default=2)
