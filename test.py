@@ -7,13 +7,14 @@ from pathlib import Path
 
 import torch
 
-from datasets import DatasetError, build_dataset
+from datasets import build_dataset
 from datasets.build import build_eval_loaders
 from model.build import TBPSModel, build_encoder, build_model
 from model.clip_loading import CheckpointError, load_strict
+from utils.errors import ConfigError, UserError
 from utils.iotools import resolve_device, setup_logger, write_json
 from utils.metrics import Evaluator, results_table
-from utils.options import ConfigError, build_parser, resolve, save_config
+from utils.options import build_parser, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer
 
 
@@ -64,5 +65,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except UserError as err:
         sys.exit(f"error: {err}")

@@ -5,15 +5,15 @@ import sys
 import time
 from pathlib import Path
 
-from datasets import DatasetError, build_dataset
+from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
 from model.build import build_model
-from model.clip_loading import CheckpointError
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
+from utils.errors import UserError
 from utils.iotools import resolve_device, set_seed, setup_logger
 from utils.metrics import Evaluator, results_table
-from utils.options import ConfigError, build_parser, resolve, save_config
+from utils.options import build_parser, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer
 
 
@@ -52,5 +52,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, DatasetError, CheckpointError) as err:
+    except UserError as err:
         sys.exit(f"error: {err}")

@@ -13,12 +13,14 @@ from pathlib import Path
 
 from prettytable import PrettyTable
 
+from utils.errors import ConfigError, UserError
+
 logger = logging.getLogger(__name__)
 
 DATASETS: dict[str, type["BaseDataset"]] = {}
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """Missing or malformed dataset files (a user mistake)."""
 
 
@@ -29,7 +31,7 @@ def register_dataset(cls):
 
 def build_dataset(name: str, root_dir: str | Path) -> "BaseDataset":
     if name not in DATASETS:
-        raise DatasetError(f"unknown dataset_name '{name}'; known: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset_name '{name}'; known: {', '.join(sorted(DATASETS))}")
     return DATASETS[name](root_dir)
 
 

@@ -9,6 +9,8 @@ from typing import Iterator
 import numpy as np
 from torch.utils.data import Sampler
 
+from utils.errors import ConfigError
+
 
 class RandomIdentitySampler(Sampler[int]):
     """Each epoch: shuffle every identity's samples (drawing K with replacement when it has fewer),
@@ -17,7 +19,7 @@ class RandomIdentitySampler(Sampler[int]):
 
     def __init__(self, pids: list[int], batch_size: int, num_instances: int):
         if batch_size < num_instances or batch_size % num_instances:
-            raise ValueError(f"batch_size {batch_size} must be a multiple of num_instance {num_instances}")
+            raise ConfigError(f"batch_size {batch_size} must be a multiple of num_instance {num_instances}")
         self.num_instances = num_instances
         self.num_pids_per_batch = batch_size // num_instances
         self.index_dic: dict[int, list[int]] = defaultdict(list)
@@ -25,7 +27,7 @@ class RandomIdentitySampler(Sampler[int]):
             self.index_dic[pid].append(index)
         self.pids = list(self.index_dic)
         if len(self.pids) < self.num_pids_per_batch:
-            raise ValueError(f"identity sampler needs {self.num_pids_per_batch} identities per batch, "
+            raise ConfigError(f"identity sampler needs {self.num_pids_per_batch} identities per batch, "
                              f"the data has {len(self.pids)}")
         self.length = sum(max(len(v), num_instances) // num_instances * num_instances
                           for v in self.index_dic.values())

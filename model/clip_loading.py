@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from utils.errors import UserError
+
 from .clip import CLIPConfig, CLIPEncoder
 
 logger = logging.getLogger(__name__)
@@ -32,7 +34,7 @@ OPENAI_MODELS = {
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "logit_scale")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be found, downloaded, read or matched to the model."""
 
 

@@ -21,6 +21,7 @@ from datasets.build import (ImageTextDataset, MaskingConfig, build_eval_loaders,
                             collate, mask_tokens)
 from datasets.sampler import RandomIdentitySampler
 from datasets.transforms import build_transforms
+from utils.errors import ConfigError
 from utils.options import DEFAULTS
 from utils.simple_tokenizer import tokenize
 
@@ -241,7 +242,7 @@ def test_non_contiguous_train_ids(toy_benchmarks):
 
 
 def test_unknown_dataset_name_lists_known(tmp_path):
-    with pytest.raises(DatasetError) as info:
+    with pytest.raises(ConfigError) as info:
         build_dataset("Market-1501", tmp_path)
     message = str(info.value)
     assert "Market-1501" in message

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+
 DEFAULTS: dict[str, Any] = {
     # run
     "name": "baseline",
@@ -94,10 +96,6 @@ CHOICES = {
 }
 # Keys written by the program into a run's configs.yaml, accepted when it is read back.
 RUN_KEYS = ("num_classes", "clip", "training")
-
-
-class ConfigError(ValueError):
-    """A configuration mistake the user can fix (unknown key, bad value)."""
 
 
 def _closest(key: str) -> str:
