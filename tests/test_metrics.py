@@ -161,7 +161,7 @@ def test_matches_irra_formula_without_ties(seed):
 def test_all_equal_scores_rank_by_gallery_index():
     g_pids = torch.tensor([0, 1, 2, 3])
     sim = torch.zeros(4, 4)
-    r = rank(sim, torch.tensor([3]).expand(1), g_pids, max_rank=4)
+    r = rank(sim, torch.tensor([3]).expand(4), g_pids, max_rank=4)
     # pid 3 is at gallery index 3 -> rank 4
     assert [r[f"R{k}"] for k in range(1, 5)] == pytest.approx([0.0, 0.0, 0.0, 100.0])
     assert r["mAP"] == pytest.approx(25.0)
