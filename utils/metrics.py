@@ -51,18 +51,25 @@ def _match_table(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> tuple[
     return table[where], torch.where(found, counts[where], 0)
 
 
-def _count_before(scores: torch.Tensor, positions: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
-    """Items ranked before each match (score higher, or equal with a lower gallery index)."""
+def count_before_torch(scores: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Items ranked before each match (score higher, or equal with a lower gallery index), on any
+    device: one vectorised pass per match column. ``positions`` [c, P] gallery indices."""
     thresholds = scores.gather(1, positions)
-    if scores.device.type == "cpu":
-        return torch.from_numpy(count_ranked_before(scores.float().contiguous().numpy(),
-                                                    thresholds.float().contiguous().numpy(),
-                                                    positions.numpy(), num.numpy()))
     columns = torch.arange(scores.shape[1], device=scores.device)
     counts = [(scores > thresholds[:, k:k + 1]).sum(1)
               + ((scores == thresholds[:, k:k + 1]) & (columns < positions[:, k:k + 1])).sum(1)
               for k in range(positions.shape[1])]
     return torch.stack(counts, dim=1)
+
+
+def _count_before(scores: torch.Tensor, positions: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+    """``count_before_torch``, with the compiled kernels on CPU (entries beyond ``num`` unused)."""
+    if scores.device.type != "cpu":
+        return count_before_torch(scores, positions)
+    thresholds = scores.gather(1, positions)
+    return torch.from_numpy(count_ranked_before(scores.float().contiguous().numpy(),
+                                                thresholds.float().contiguous().numpy(),
+                                                positions.numpy(), num.numpy()))
 
 
 class _Accumulator:

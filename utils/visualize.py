@@ -1,0 +1,41 @@
+"""A picture of retrieval results: per query, its caption then the top gallery images, framed green
+(true match) or red (wrong)."""
+from __future__ import annotations
+
+import textwrap
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+CAPTION_WIDTH = 320
+THUMB = (64, 128)  # width, height
+FRAME = 4
+PAD = 6
+GREEN, RED = (40, 170, 60), (210, 40, 40)
+
+
+def grid_size(num_queries: int, top: int = 10) -> tuple[int, int]:
+    """(width, height) of the picture for ``num_queries`` rows of ``top`` images."""
+    cell_w, cell_h = THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD
+    return CAPTION_WIDTH + top * cell_w + PAD, num_queries * cell_h + PAD
+
+
+def retrieval_grid(captions: list[str], query_pids: torch.Tensor, similarity: torch.Tensor,
+                   gallery_paths: list[str], gallery_pids: torch.Tensor, top: int = 10) -> Image.Image:
+    """One row per query (rows of ``similarity``), its ``top`` gallery images by descending score."""
+    width, height = grid_size(len(captions), top)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :top]
+    cell_w, cell_h = THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD
+    for row, caption in enumerate(captions):
+        y = PAD + row * cell_h
+        draw.multiline_text((PAD, y), "\n".join(textwrap.wrap(caption, 48)[:9]), fill="black", font=font)
+        for col, index in enumerate(order[row].tolist()):
+            x = CAPTION_WIDTH + col * cell_w
+            colour = GREEN if int(gallery_pids[index]) == int(query_pids[row]) else RED
+            draw.rectangle((x, y, x + THUMB[0] + 2 * FRAME - 1, y + THUMB[1] + 2 * FRAME - 1), fill=colour)
+            with Image.open(gallery_paths[index]) as image:
+                canvas.paste(image.convert("RGB").resize(THUMB), (x + FRAME, y + FRAME))
+    return canvas
