@@ -46,7 +46,7 @@ def _match_table(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> tuple[
     starts = torch.cumsum(counts, 0) - counts
     slots = (starts[:, None] + torch.arange(width)).clamp(max=len(order) - 1)
     table = order[slots]
-    where = torch.searchsorted(ids, query_pids).clamp(max=len(ids) - 1)
+    where = torch.searchsorted(ids, query_pids.contiguous()).clamp(max=len(ids) - 1)
     found = ids[where] == query_pids
     return table[where], torch.where(found, counts[where], 0)
 
@@ -66,9 +66,11 @@ def _count_before(scores: torch.Tensor, positions: torch.Tensor, num: torch.Tens
     """``count_before_torch``, with the compiled kernels on CPU (entries beyond ``num`` unused)."""
     if scores.device.type != "cpu":
         return count_before_torch(scores, positions)
+    if scores.dtype not in (torch.float32, torch.float64):  # numpy has no bf16; fp16 kernels are slow
+        scores = scores.float()
+    scores = scores.contiguous()
     thresholds = scores.gather(1, positions)
-    return torch.from_numpy(count_ranked_before(scores.float().contiguous().numpy(),
-                                                thresholds.float().contiguous().numpy(),
+    return torch.from_numpy(count_ranked_before(scores.numpy(), thresholds.numpy(),
                                                 positions.numpy(), num.numpy()))
 
 
