@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_run_checkpoint(model, run_dir / "best.pth")
         if out_dir.resolve() != run_dir.resolve():  # the results elsewhere still describe themselves
             save_config(cfg, out_dir / "configs.yaml")
-    features = extract_features(model.to(device), img_loader, txt_loader, device)
+    features = extract_features(model.to(device), img_loader, txt_loader, device, cfg.skip_bad_images)
     results = Evaluator(img_loader, txt_loader).eval(model, device, features)
     logger.info("test results:\n%s", results_table(results))
     write_json(results, out_dir / "results.json")

@@ -19,8 +19,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 logger = logging.getLogger(__name__)
 
 
-def read_image(path: str) -> Image.Image:
-    return Image.open(path).convert("RGB")
+def read_image(path: str) -> Image.Image | None:
+    """The image as RGB, or None (with a warning naming it) if it cannot be read."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        logger.warning("cannot read image %s: %s", path, err)
+        return None
 
 
 @dataclass
@@ -76,11 +82,14 @@ class ImageTextDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int) -> dict | None:
+        """A sample, or None for an unreadable image (the collate skips and counts it)."""
         pid, image_id, img_path, caption = self.records[index]
+        image = read_image(img_path)
+        if image is None:
+            return None
         ids = tokenize(caption, self.tokenizer, self.text_length)
-        sample = {"pids": pid, "image_ids": image_id,
-                  "images": self.transform(read_image(img_path)), "caption_ids": ids}
+        sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids}
         if self.masking is not None:
             masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
             sample.update(mlm_ids=masked, mlm_labels=labels)
@@ -90,7 +99,7 @@ class ImageTextDataset(Dataset):
 
 
 class ImageDataset(Dataset):
-    """Gallery images: (pid, image tensor)."""
+    """Gallery images: (pid, image tensor or None if unreadable, path)."""
 
     def __init__(self, pids: list[int], paths: list[str], transform):
         self.pids, self.paths, self.transform = pids, paths, transform
@@ -99,7 +108,8 @@ class ImageDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.pids[index], self.transform(read_image(self.paths[index]))
+        image = read_image(self.paths[index])
+        return self.pids[index], None if image is None else self.transform(image), self.paths[index]
 
 
 class TextDataset(Dataset):
@@ -116,13 +126,26 @@ class TextDataset(Dataset):
         return self.pids[index], tokenize(self.captions[index], self.tokenizer, self.text_length)
 
 
-def collate(batch: list[dict]) -> dict[str, torch.Tensor]:
-    """List of sample dicts -> dict of stacked tensors (ints become a LongTensor)."""
-    out = {}
+def collate(samples: list[dict | None]) -> dict[str, torch.Tensor]:
+    """List of sample dicts -> dict of stacked tensors (ints become a LongTensor); unreadable
+    samples (None) are dropped and counted in ``skipped``."""
+    batch = [sample for sample in samples if sample is not None]
+    out = {"skipped": torch.tensor(len(samples) - len(batch))}
+    if not batch:
+        return {**out, "images": torch.empty(0)}
     for key in batch[0]:
         values = [sample[key] for sample in batch]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
     return out
+
+
+def collate_images(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(pids, images) of the readable gallery images and the paths of the unreadable ones."""
+    good = [(pid, image) for pid, image, _ in samples if image is not None]
+    bad = [path for _, image, path in samples if image is None]
+    pids = torch.tensor([pid for pid, _ in good], dtype=torch.long)
+    images = torch.stack([image for _, image in good]) if good else torch.empty(0)
+    return pids, images, bad
 
 
 def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, split: str = "test"):
@@ -130,13 +153,17 @@ def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, sp
     data = getattr(dataset, split)
     transform = build_transforms(cfg.img_size, is_train=False)
     kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform), **kwargs),
+    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform), collate_fn=collate_images,
+                       **kwargs),
             DataLoader(TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length), **kwargs))
 
 
 def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer,
                        batch_keys: set[str], generator: torch.Generator | None = None) -> DataLoader:
-    """Loader of training samples; masked captions are built if a head needs them or ``cfg.MLM``."""
+    """Loader of training samples; masked captions are built if a head needs them or ``cfg.MLM``.
+
+    Shuffling and worker seeds come from ``generator`` (the identity sampler uses the global RNGs);
+    workers are not persistent, so an epoch depends only on RNG states at its start (exact resume)."""
     masking = None
     if "mlm_ids" in batch_keys or cfg.MLM:
         masking = MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate)
@@ -144,8 +171,7 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer,
         dataset.train, build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value), tokenizer,
         cfg.text_length, masking, cfg.global_sees_masked_caption)
     kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
-                  generator=generator,
-                  persistent_workers=cfg.num_workers > 0)
+                  generator=generator)
     if cfg.sampler == "identity":
         sampler = RandomIdentitySampler([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance)
         return DataLoader(train_set, sampler=sampler, **kwargs)

@@ -1,7 +1,8 @@
-"""Training loop (epochs, logging, evaluation, checkpoints) and inference."""
+"""Training loop: epochs, logging, evaluation, checkpoints (``best.pth``, ``last.pth``)."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -10,10 +11,16 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from utils.checkpoint import save_training_state
+from utils.errors import UserError
 from utils.iotools import save_checkpoint, write_json
 from utils.metrics import Evaluator, results_table
 
 logger = logging.getLogger(__name__)
+
+
+class TrainingDiverged(UserError):
+    """Too many consecutive non-finite losses."""
 
 
 class AverageMeter:
@@ -33,39 +40,79 @@ def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, t
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_one_epoch(model, loader, optimizer, device, epoch: int, log_period: int) -> dict[str, float]:
-    """One pass over ``loader``; returns the epoch average of every value the heads report."""
-    model.train()
-    meters: dict[str, AverageMeter] = defaultdict(AverageMeter)
-    progress = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
-    for step, batch in enumerate(progress, start=1):
-        batch = move_to(batch, device)
-        outputs = model(batch)
-        total = sum(v for k, v in outputs.items() if k.endswith("_loss"))
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        n = batch["images"].shape[0]
-        meters["loss"].update(total.item(), n)
-        for key, value in outputs.items():
-            meters[key].update(value.item(), n)
-        progress.set_postfix(loss=f"{meters['loss'].avg:.4f}")
-        if step % log_period == 0:
-            logger.info("epoch %d [%d/%d] %s", epoch, step, len(loader),
-                        ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
-    return {k: m.avg for k, m in meters.items()}
+class EpochTrainer:
+    """One epoch at a time; skips steps whose loss is not finite and stops after too many in a row."""
+
+    def __init__(self, model, optimizer, device, log_period: int, max_nonfinite_steps: int):
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.log_period, self.max_nonfinite_steps = log_period, max_nonfinite_steps
+        self.nonfinite_in_a_row = 0
+
+    def run(self, loader, epoch: int) -> dict[str, float]:
+        """Returns the epoch average of every value the heads report, plus skip counts."""
+        self.model.train()
+        meters: dict[str, AverageMeter] = defaultdict(AverageMeter)
+        skipped_images = nonfinite = 0
+        progress = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True)
+        for step, batch in enumerate(progress, start=1):
+            skipped_images += int(batch.pop("skipped", 0))
+            if batch["images"].shape[0] == 0:
+                continue
+            batch = move_to(batch, self.device)
+            outputs = self.model(batch)
+            total = sum(v for k, v in outputs.items() if k.endswith("_loss"))
+            self.optimizer.zero_grad(set_to_none=True)
+            if not torch.isfinite(total):
+                nonfinite += 1
+                self._non_finite(outputs, batch["image_ids"], epoch, step)
+                continue
+            self.nonfinite_in_a_row = 0
+            total.backward()
+            self.optimizer.step()
+            n = batch["images"].shape[0]
+            meters["loss"].update(total.item(), n)
+            for key, value in outputs.items():
+                meters[key].update(value.item(), n)
+            progress.set_postfix(loss=f"{meters['loss'].avg:.4f}")
+            if step % self.log_period == 0:
+                logger.info("epoch %d [%d/%d] %s", epoch, step, len(loader),
+                            ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
+        if skipped_images:
+            logger.warning("epoch %d: skipped %d unreadable training images", epoch, skipped_images)
+        stats = {k: m.avg for k, m in meters.items()}
+        stats.update(skipped_images=skipped_images, nonfinite_steps=nonfinite)
+        return stats
+
+    def _non_finite(self, outputs, image_ids: torch.Tensor, epoch: int, step: int) -> None:
+        self.nonfinite_in_a_row += 1
+        bad = {k: float(v) for k, v in outputs.items() if k.endswith("_loss") and not math.isfinite(float(v))}
+        logger.warning("epoch %d step %d: non-finite loss %s, step skipped; image ids %s",
+                       epoch, step, bad, image_ids.tolist())
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            raise TrainingDiverged(f"{self.nonfinite_in_a_row} consecutive non-finite losses at epoch {epoch} "
+                                   f"step {step}; training stopped, state saved to last.pth")
 
 
-def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, scheduler,
-             run_dir: Path, device: torch.device) -> dict:
-    """Train ``cfg.num_epoch`` epochs, evaluating every ``eval_period`` and at the end; keep the
-    best t2i R1 in ``best.pth`` and its metrics in ``results.json``."""
-    writer = SummaryWriter(log_dir=str(run_dir))
-    best: dict = {}
-    logger.info("start training: %d epochs, %d iterations each", cfg.num_epoch, len(train_loader))
-    for epoch in range(1, cfg.num_epoch + 1):
+def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, scheduler, run_dir: Path,
+             device: torch.device, generator: torch.Generator, start_epoch: int = 1,
+             best: dict | None = None) -> dict:
+    """Train epochs ``start_epoch..num_epoch``, evaluating every ``eval_period`` and at the end.
+
+    After every epoch ``last.pth`` holds the full training state (exact resume); ``best.pth`` and
+    ``results.json`` follow the best t2i R1. All files are written atomically.
+    """
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
+    trainer = EpochTrainer(model, optimizer, device, cfg.log_period, cfg.max_nonfinite_steps)
+    best = best or {}
+    logger.info("training epochs %d..%d, %d iterations each", start_epoch, cfg.num_epoch, len(train_loader))
+    for epoch in range(start_epoch, cfg.num_epoch + 1):
         start = time.time()
-        stats = train_one_epoch(model, train_loader, optimizer, device, epoch, cfg.log_period)
+        try:
+            stats = trainer.run(train_loader, epoch)
+        except TrainingDiverged:  # keep the weights of the last finite step for inspection
+            save_training_state(run_dir / "last.pth", model, optimizer, scheduler, epoch - 1, best, generator)
+            writer.close()
+            raise
         lr = scheduler.get_last_lr()[0]
         for key, value in stats.items():
             writer.add_scalar(f"train/{key}", value, epoch)
@@ -74,18 +121,18 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
         scheduler.step()
         logger.info("epoch %d done in %.1fs, lr %.2e, %s", epoch, time.time() - start, lr,
                     ", ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
-        if epoch % cfg.eval_period and epoch != cfg.num_epoch:
-            continue
-        results = evaluator.eval(model, device)
-        logger.info("validation (%s) at epoch %d:\n%s", cfg.val_dataset, epoch, results_table(results))
-        for task, metrics in results.items():
-            for key, value in metrics.items():
-                writer.add_scalar(f"eval/{task}_{key}", value, epoch)
-        if not best or results["t2i"]["R1"] > best["t2i"]["R1"]:
-            best = {**results, "epoch": epoch}
-            save_checkpoint({"model": model.state_dict(), "epoch": epoch, "results": results},
-                            run_dir / "best.pth")
-            write_json(best, run_dir / "results.json")
+        if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
+            results = evaluator.eval(model, device)
+            logger.info("validation (%s) at epoch %d:\n%s", cfg.val_dataset, epoch, results_table(results))
+            for task, metrics in results.items():
+                for key, value in metrics.items():
+                    writer.add_scalar(f"eval/{task}_{key}", value, epoch)
+            if not best or results["t2i"]["R1"] > best["t2i"]["R1"]:
+                best = {**results, "epoch": epoch}
+                save_checkpoint({"model": model.state_dict(), "epoch": epoch, "results": results},
+                                run_dir / "best.pth")
+                write_json(best, run_dir / "results.json")
+        save_training_state(run_dir / "last.pth", model, optimizer, scheduler, epoch, best, generator)
     writer.close()
     logger.info("best t2i R1 %.3f at epoch %d", best["t2i"]["R1"], best["epoch"])
     return best

@@ -601,13 +601,16 @@ def test_collate():
         {"pids": 5, "image_ids": 1, "images": torch.full((3, 4, 2), 2.0), "caption_ids": torch.arange(5) + 10},
     ]
     out = collate(batch)
-    assert set(out) == set(batch[0])
+    assert set(out) == set(batch[0]) | {"skipped"} and out["skipped"] == 0
     assert out["pids"].tolist() == [3, 5] and out["pids"].dtype == torch.int64
     assert out["image_ids"].tolist() == [0, 1] and out["image_ids"].dtype == torch.int64
     assert out["images"].shape == (2, 3, 4, 2)
     assert torch.equal(out["images"][1], batch[1]["images"])
     assert out["caption_ids"].shape == (2, 5)
     assert torch.equal(out["caption_ids"][1], batch[1]["caption_ids"])
+    dropped = collate([None, batch[0], None])
+    assert dropped["skipped"] == 2 and dropped["pids"].tolist() == [3]
+    assert collate([None])["images"].shape[0] == 0
 
 
 def test_train_loader_random(toy_benchmarks, tokenizer):
@@ -617,7 +620,7 @@ def test_train_loader_random(toy_benchmarks, tokenizer):
     batches = list(loader)
     assert [len(b["pids"]) for b in batches] == [4, 4, 2]  # 10 captions, drop_last False
     first = batches[0]
-    assert set(first) == {"pids", "image_ids", "images", "caption_ids", "mlm_ids", "mlm_labels"}
+    assert set(first) == {"pids", "image_ids", "images", "caption_ids", "mlm_ids", "mlm_labels", "skipped"}
     assert first["images"].shape == (4, 3, 384, 128)
     assert first["caption_ids"].shape == first["mlm_ids"].shape == first["mlm_labels"].shape == (4, 77)
     assert first["caption_ids"].dtype == torch.long
@@ -629,7 +632,7 @@ def test_train_loader_no_masking_by_default(toy_benchmarks, tokenizer):
     ds = build_dataset("ICFG-PEDES", toy_benchmarks.root)
     loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_keys=set())
     batch = next(iter(loader))
-    assert set(batch) == {"pids", "image_ids", "images", "caption_ids"}
+    assert set(batch) == {"pids", "image_ids", "images", "caption_ids", "skipped"}
     loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_keys={"mlm_ids"})
     assert "mlm_labels" in next(iter(loader))
 
@@ -650,7 +653,8 @@ def test_train_loader_identity_sampler(toy_benchmarks, tokenizer):
 def test_eval_loaders(toy_benchmarks, tokenizer):
     ds = build_dataset("CUHK-PEDES", toy_benchmarks.root)
     img_loader, txt_loader = build_eval_loaders(_cfg(test_batch_size=3), ds, tokenizer)
-    pids, images = zip(*[(p, x) for p, x in img_loader])
+    pids, images, bad = zip(*img_loader)
+    assert all(b == [] for b in bad)
     pids = torch.cat(pids)
     images = torch.cat(images)
     assert pids.tolist() == ds.test.image_pids
@@ -662,5 +666,5 @@ def test_eval_loaders(toy_benchmarks, tokenizer):
     for row, caption in zip(ids, ds.test.captions):
         assert torch.equal(row, tokenize(caption, tokenizer))
     # deterministic: a second pass gives the same images
-    again = torch.cat([x for _, x in img_loader])
+    again = torch.cat([x for _, x, _ in img_loader])
     assert torch.equal(images, again)

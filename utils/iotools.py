@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 
-def setup_logger(save_dir: str | Path | None, filename: str) -> logging.Logger:
-    """Root logger to stdout and ``save_dir/filename`` (overwritten)."""
+def setup_logger(save_dir: str | Path | None, filename: str, append: bool = False) -> logging.Logger:
+    """Root logger to stdout and ``save_dir/filename`` (overwritten unless ``append``)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
@@ -24,7 +24,7 @@ def setup_logger(save_dir: str | Path | None, filename: str) -> logging.Logger:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(Path(save_dir) / filename, mode="w"))
+        handlers.append(logging.FileHandler(Path(save_dir) / filename, mode="a" if append else "w"))
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
@@ -36,6 +36,15 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """PyTorch's deterministic algorithms (errors on ops that have none) and no cuDNN autotuning."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = enabled
 
 
 def resolve_device(name: str) -> torch.device:

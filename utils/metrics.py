@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from prettytable import PrettyTable
 
+from .errors import UserError
 from .rank_kernels import count_ranked_before
 
 logger = logging.getLogger(__name__)
@@ -190,31 +191,41 @@ def results_table(results: dict[str, dict[str, float]]) -> PrettyTable:
 
 
 @torch.no_grad()
-def extract_features(model, img_loader, txt_loader, device) -> dict[str, torch.Tensor]:
-    """L2-normalised query (text) and gallery (image) features with their pids."""
+def extract_features(model, img_loader, txt_loader, device, skip_bad_images: bool = False) -> dict[str, torch.Tensor]:
+    """L2-normalised query (text) and gallery (image) features with their pids.
+
+    An unreadable gallery image stops the evaluation naming it, unless ``skip_bad_images``
+    (then it is left out of the gallery, with a warning)."""
     model.eval()
-    feats = {}
-    for key, loader, encode in (("text", txt_loader, model.encode_text),
-                                ("image", img_loader, model.encode_image)):
-        pids, chunks = [], []
-        for pid, data in loader:
-            chunks.append(encode(data.to(device)))
-            pids.append(pid.flatten())
-        feats[f"{key}_feats"] = F.normalize(torch.cat(chunks), p=2, dim=1)
-        feats[f"{key}_pids"] = torch.cat(pids).to(device)
-    return feats
+    text, text_pids = [], []
+    for pid, ids in txt_loader:
+        text.append(model.encode_text(ids.to(device)))
+        text_pids.append(pid)
+    image, image_pids, skipped = [], [], 0
+    for pid, images, bad in img_loader:
+        if bad and not skip_bad_images:
+            raise UserError(f"cannot read gallery image {bad[0]} (pass --skip_bad_images to leave it out)")
+        skipped += len(bad)
+        if len(pid):
+            image.append(model.encode_image(images.to(device)))
+            image_pids.append(pid)
+    if skipped:
+        logger.warning("%d unreadable gallery images left out of the evaluation", skipped)
+    return {"text_feats": F.normalize(torch.cat(text), dim=1), "text_pids": torch.cat(text_pids).to(device),
+            "image_feats": F.normalize(torch.cat(image), dim=1), "image_pids": torch.cat(image_pids).to(device)}
 
 
 class Evaluator:
     """t2i and i2t retrieval on fixed image/text loaders; ``t2i_rerank`` too with a ReRanker."""
 
-    def __init__(self, img_loader, txt_loader, reranker: ReRanker | None = None):
+    def __init__(self, img_loader, txt_loader, reranker: ReRanker | None = None, skip_bad_images: bool = False):
         self.img_loader = img_loader
         self.txt_loader = txt_loader
         self.reranker = reranker
+        self.skip_bad_images = skip_bad_images
 
     def eval(self, model, device, features: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        f = features or extract_features(model, self.img_loader, self.txt_loader, device)
+        f = features or extract_features(model, self.img_loader, self.txt_loader, device, self.skip_bad_images)
         text, image = (f["text_feats"], f["text_pids"]), (f["image_feats"], f["image_pids"])
         results = {}
         if self.reranker is None:

@@ -24,9 +24,12 @@ DEFAULTS: dict[str, Any] = {
     "log_period": 100,
     "eval_period": 1,
     "val_dataset": "test",     # split used for per-epoch evaluation and model selection
-    "resume": False,
-    "resume_ckpt_file": "",
+    "resume": False,           # continue from RUN_DIR/last.pth (output_dir is the run directory)
+    "resume_ckpt_file": "",    # continue from this file instead
     "seed": 1,
+    "deterministic": False,    # torch.use_deterministic_algorithms
+    "max_nonfinite_steps": 10, # consecutive non-finite losses that stop the run
+    "skip_bad_images": False,  # evaluation leaves unreadable gallery images out instead of stopping
     "device": "auto",          # auto (cuda if available), cpu, cuda, cuda:N
     # model
     "pretrain_choice": "ViT-B/16",  # OpenAI name, checkpoint path, or 'none' (from scratch)

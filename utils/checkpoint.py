@@ -1,0 +1,56 @@
+"""Training state for exact resume: model, optimizer, scheduler, best score and every RNG."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .iotools import save_checkpoint
+
+
+class ResumeError(UserError):
+    """No checkpoint to resume from, or one that does not fit the run."""
+
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    """Python, numpy, torch (CPU, CUDA) and the data loader's generator (sampler and worker seeds)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "loader": generator.get_state()}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["loader"])
+
+
+def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict,
+                        generator: torch.Generator) -> None:
+    """Atomically write everything needed to continue after ``epoch`` (``last.pth``)."""
+    save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
+                     "rng": rng_state(generator)}, path)
+
+
+def load_training_state(path: Path, model, optimizer, scheduler, generator: torch.Generator) -> tuple[int, dict]:
+    """Restore a ``last.pth``; returns (last completed epoch, best results so far)."""
+    if not path.is_file():
+        raise ResumeError(f"cannot resume: no checkpoint at {path} (train without --resume, or pass "
+                          f"--resume_ckpt_file PATH)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except Exception as err:  # unpickling and state-dict mismatches come in many types
+        raise ResumeError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
+    set_rng_state(state["rng"], generator)
+    return state["epoch"], state["best"]
