@@ -12,7 +12,7 @@ from datasets import build_dataset
 from datasets.build import build_eval_loaders
 from model.build import TBPSModel, build_encoder, build_model
 from model.clip_loading import CheckpointError, load_strict
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, run_cli
 from utils.iotools import resolve_device, setup_logger, write_json
 from utils.metrics import Evaluator, extract_features, results_table
 from utils.options import build_parser, resolve, save_config
@@ -27,7 +27,7 @@ def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)["model"]
     except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__})") from None
     load_strict(model, state, path)
 
 
@@ -88,7 +88,4 @@ def write_visualization(split, features: dict[str, torch.Tensor], num_queries: i
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_cli(main))

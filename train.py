@@ -17,7 +17,7 @@ from model.build import build_model
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
-from utils.errors import ConfigError, UserError
+from utils.errors import ConfigError, run_cli
 from utils.iotools import configure_determinism, resolve_device, set_seed, setup_logger
 from utils.metrics import Evaluator, results_table
 from utils.options import build_parser, resolve, save_config
@@ -68,7 +68,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as err:
-        sys.exit(f"error: {err}")
+    sys.exit(run_cli(main))

@@ -86,7 +86,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # unpickling errors come in many types
-            raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+            raise CheckpointError(f"cannot read checkpoint {path}: not a TorchScript archive or a "
+                                  f"torch.save file of tensors ({type(err).__name__})") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

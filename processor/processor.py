@@ -85,7 +85,7 @@ class EpochTrainer:
 
     def _non_finite(self, outputs, image_ids: torch.Tensor, epoch: int, step: int) -> None:
         self.nonfinite_in_a_row += 1
-        bad = {k: float(v) for k, v in outputs.items() if k.endswith("_loss") and not math.isfinite(float(v))}
+        bad = {k: v.item() for k, v in outputs.items() if k.endswith("_loss") and not math.isfinite(v.item())}
         logger.warning("epoch %d step %d: non-finite loss %s, step skipped; image ids %s",
                        epoch, step, bad, image_ids.tolist())
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:

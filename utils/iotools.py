@@ -18,8 +18,9 @@ def setup_logger(save_dir: str | Path | None, filename: str, append: bool = Fals
     """Root logger to stdout and ``save_dir/filename`` (overwritten unless ``append``)."""
     root = logging.getLogger()
     root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
+    for handler in [h for h in root.handlers if getattr(h, "tbps", False)]:  # ours from a previous run
         root.removeHandler(handler)
+        handler.close()
     fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if save_dir is not None:
@@ -27,6 +28,7 @@ def setup_logger(save_dir: str | Path | None, filename: str, append: bool = Fals
         handlers.append(logging.FileHandler(Path(save_dir) / filename, mode="a" if append else "w"))
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler.tbps = True
         root.addHandler(handler)
     return logging.getLogger("tbps")
 
