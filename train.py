@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
@@ -18,7 +19,8 @@ from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
 from utils.errors import ConfigError, run_cli
-from utils.iotools import configure_determinism, resolve_device, set_seed, setup_logger
+from utils.comm import get_rank, get_world_size, init_distributed
+from utils.iotools import configure_determinism, set_seed, setup_logger
 from utils.metrics import Evaluator, results_table
 from utils.options import build_parser, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer
@@ -35,35 +37,45 @@ def run_directory(cfg) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = resolve(build_parser(__doc__).parse_args(argv))
+    device = init_distributed(cfg.device)
+    rank, world_size = get_rank(), get_world_size()
     run_dir = run_directory(cfg)
     cfg.output_dir = str(run_dir)
-    logger = setup_logger(run_dir, "train_log.txt", append=cfg.resume or bool(cfg.resume_ckpt_file))
-    set_seed(cfg.seed)
+    logger = setup_logger(run_dir if rank == 0 else None, "train_log.txt",
+                          append=cfg.resume or bool(cfg.resume_ckpt_file), quiet=rank != 0)
+    set_seed(cfg.seed)  # the same initial weights on every rank
     configure_determinism(cfg.deterministic)
-    device = resolve_device(cfg.device)
     tokenizer = SimpleTokenizer()
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
     model = build_model(cfg, dataset.num_classes).to(device)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_batch_keys(), generator)
+    model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    if rank:
+        set_seed(cfg.seed + rank)  # then a random stream of its own per rank
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
+    train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_batch_keys(), generator,
+                                      rank, world_size)
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset)
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
-    save_config(cfg, run_dir / "configs.yaml")
-    logger.info("run directory: %s", run_dir)
+    if rank == 0:
+        save_config(cfg, run_dir / "configs.yaml")
+    logger.info("run directory: %s, %d process(es), global batch %d", run_dir, world_size, cfg.batch_size)
     logger.info("total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
-    start_epoch, best = 1, None
+    start_epoch, best, scaler_state = 1, None, None
     if cfg.resume or cfg.resume_ckpt_file:
         checkpoint = Path(cfg.resume_ckpt_file or run_dir / "last.pth")
-        done, best = load_training_state(checkpoint, model, optimizer, scheduler, generator)
+        done, best, scaler_state = load_training_state(checkpoint, model, optimizer, scheduler, generator)
         start_epoch = done + 1
         logger.info("resumed from %s after epoch %d", checkpoint, done)
     evaluator = Evaluator(img_loader, txt_loader, skip_bad_images=cfg.skip_bad_images)
-    best = do_train(cfg, model, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,
-                    start_epoch, best)
-    print(results_table({k: v for k, v in best.items() if k != "epoch"}))
+    trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
+        if world_size > 1 else model
+    best = do_train(cfg, trained, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,
+                    start_epoch, best, scaler_state)
+    if rank == 0:
+        print(results_table({k: v for k, v in best.items() if k != "epoch"}))
     return best
 
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utils.errors import ConfigError
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
 from .bases import BaseDataset
@@ -158,23 +159,29 @@ def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, sp
             DataLoader(TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length), **kwargs))
 
 
-def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer,
-                       batch_keys: set[str], generator: torch.Generator | None = None) -> DataLoader:
+def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, batch_keys: set[str],
+                       generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
     """Loader of training samples; masked captions are built if a head needs them or ``cfg.MLM``.
 
-    Shuffling and worker seeds come from ``generator`` (the identity sampler uses the global RNGs);
-    workers are not persistent, so an epoch depends only on RNG states at its start (exact resume)."""
+    ``cfg.batch_size`` is the global batch; each of ``world_size`` processes loads its share. In one
+    process, shuffling and worker seeds come from ``generator``; the identity and distributed
+    samplers draw from ``seed + epoch`` (``set_epoch``). Workers are not persistent, so an epoch
+    depends only on RNG states at its start (exact resume)."""
+    if cfg.batch_size % world_size:
+        raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world_size} processes")
     masking = None
     if "mlm_ids" in batch_keys or cfg.MLM:
         masking = MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate)
     train_set = ImageTextDataset(
         dataset.train, build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value), tokenizer,
         cfg.text_length, masking, cfg.global_sees_masked_caption)
-    kwargs = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, collate_fn=collate,
+    kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler == "identity":
-        sampler = RandomIdentitySampler([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance)
+        sampler = RandomIdentitySampler([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance,
+                                        cfg.seed, rank, world_size)
+        return DataLoader(train_set, sampler=sampler, **kwargs)
+    if world_size > 1:
+        sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
         return DataLoader(train_set, sampler=sampler, **kwargs)
     return DataLoader(train_set, shuffle=True, drop_last=False, **kwargs)
-
-

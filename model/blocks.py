@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class LayerNorm(nn.LayerNorm):
@@ -80,10 +81,14 @@ class Transformer(nn.Module):
         self.width = width
         self.layers = layers
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.grad_checkpointing = False  # recompute each block's activations in the backward pass
 
     def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
         for block in self.resblocks:
-            x = block(x, causal=causal)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, causal, use_reentrant=False)
+            else:
+                x = block(x, causal=causal)
         return x
 
     def init_weights(self, attn_std: float, proj_std: float, fc_std: float) -> None:

@@ -97,6 +97,11 @@ class CLIPEncoder(nn.Module):
         self.visual.transformer.init_weights(vwidth ** -0.5, vwidth ** -0.5 * (2 * vlayers) ** -0.5,
                                              (2 * vwidth) ** -0.5)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> None:
+        """Trade compute for memory: recompute both towers' block activations during backward."""
+        self.visual.transformer.grad_checkpointing = enabled
+        self.transformer.grad_checkpointing = enabled
+
     @property
     def embed_dim(self) -> int:
         return self.text_projection.shape[1]

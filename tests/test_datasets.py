@@ -268,7 +268,7 @@ def test_identity_sampler_batches(seed):
     _seed(seed)
     pids = list(SAMPLER_PIDS)
     random.Random(seed).shuffle(pids)  # indices of one pid are not contiguous
-    sampler = RandomIdentitySampler(pids, batch_size=8, num_instances=2)
+    sampler = RandomIdentitySampler(pids, batch_size=8, num_instances=2, seed=seed)
     order = list(iter(sampler))
     assert order and len(order) % 8 == 0
     assert all(isinstance(i, int) and 0 <= i < len(pids) for i in order)
@@ -295,7 +295,7 @@ def test_identity_sampler_single_sample_pid_is_repeated():
     seen_pid0 = False
     for seed in range(10):
         _seed(seed)
-        order = list(RandomIdentitySampler(pids, batch_size=4, num_instances=2))
+        order = list(RandomIdentitySampler(pids, batch_size=4, num_instances=2, seed=seed))
         for b in range(0, len(order), 4):
             chunk_pids = [pids[i] for i in order[b:b + 4]]
             assert len(set(chunk_pids)) == 2
@@ -308,11 +308,21 @@ def test_identity_sampler_single_sample_pid_is_repeated():
 
 
 def test_identity_sampler_deterministic_under_seed():
-    _seed(7)
-    a = list(RandomIdentitySampler(SAMPLER_PIDS, 8, 2))
-    _seed(7)
-    b = list(RandomIdentitySampler(SAMPLER_PIDS, 8, 2))
-    assert a == b
+    a = RandomIdentitySampler(SAMPLER_PIDS, 8, 2, seed=7)
+    b = RandomIdentitySampler(SAMPLER_PIDS, 8, 2, seed=7)
+    assert list(a) == list(b)
+    a.set_epoch(1)
+    assert list(a) != list(b)  # a new order each epoch, from seed + epoch alone
+    b.set_epoch(1)
+    assert list(a) == list(b)
+
+
+def test_identity_sampler_ranks_split_each_global_batch():
+    full = list(RandomIdentitySampler(SAMPLER_PIDS, 8, 2, seed=3))
+    ranks = [list(RandomIdentitySampler(SAMPLER_PIDS, 8, 2, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(full) // 2
+    rebuilt = [i for b in range(0, len(full) // 2, 4) for r in (0, 1) for i in ranks[r][b:b + 4]]
+    assert rebuilt == full  # rank 0 takes the first half of every global batch, rank 1 the second
 
 
 def test_identity_sampler_rejects_bad_sizes():

@@ -1,6 +1,7 @@
 """Training state for exact resume: model, optimizer, scheduler, best score and every RNG."""
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 from typing import Any
@@ -8,8 +9,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from .comm import get_rank, get_world_size, is_distributed
 from .errors import UserError
 from .iotools import save_checkpoint
+
+
+logger = logging.getLogger(__name__)
 
 
 class ResumeError(UserError):
@@ -32,16 +37,27 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     generator.set_state(state["loader"])
 
 
+def gather_rng_states(generator: torch.Generator) -> list[dict[str, Any]]:
+    """Every rank's RNG states, in rank order (a collective call under DDP)."""
+    state = rng_state(generator)
+    if not is_distributed():
+        return [state]
+    states: list = [None] * get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict,
-                        generator: torch.Generator) -> None:
+                        rng_states: list[dict[str, Any]], scaler: torch.amp.GradScaler) -> None:
     """Atomically write everything needed to continue after ``epoch`` (``last.pth``)."""
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best": best,
-                     "rng": rng_state(generator)}, path)
+                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+                     "best": best, "rng": rng_states}, path)
 
 
-def load_training_state(path: Path, model, optimizer, scheduler, generator: torch.Generator) -> tuple[int, dict]:
-    """Restore a ``last.pth``; returns (last completed epoch, best results so far)."""
+def load_training_state(path: Path, model, optimizer, scheduler,
+                        generator: torch.Generator) -> tuple[int, dict, dict]:
+    """Restore a ``last.pth``; returns (last completed epoch, best results so far, grad-scaler state)."""
     if not path.is_file():
         raise ResumeError(f"cannot resume: no checkpoint at {path} (train without --resume, or pass "
                           f"--resume_ckpt_file PATH)")
@@ -52,5 +68,9 @@ def load_training_state(path: Path, model, optimizer, scheduler, generator: torc
         scheduler.load_state_dict(state["scheduler"])
     except Exception as err:  # unpickling and state-dict mismatches come in many types
         raise ResumeError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
-    set_rng_state(state["rng"], generator)
-    return state["epoch"], state["best"]
+    if len(state["rng"]) == get_world_size():
+        set_rng_state(state["rng"][get_rank()], generator)
+    else:  # a different number of processes: the weights continue, the random streams restart
+        logger.warning("%s was saved by %d processes, this run has %d: RNG states not restored",
+                       path, len(state["rng"]), get_world_size())
+    return state["epoch"], state["best"], state["scaler"]

@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 
-def setup_logger(save_dir: str | Path | None, filename: str, append: bool = False) -> logging.Logger:
-    """Root logger to stdout and ``save_dir/filename`` (overwritten unless ``append``)."""
+def setup_logger(save_dir: str | Path | None, filename: str, append: bool = False,
+                 quiet: bool = False) -> logging.Logger:
+    """Root logger to stdout and ``save_dir/filename`` (overwritten unless ``append``); ``quiet``
+    (DDP ranks other than 0) keeps warnings only."""
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(logging.WARNING if quiet else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "tbps", False)]:  # ours from a previous run
         root.removeHandler(handler)
         handler.close()

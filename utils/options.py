@@ -31,6 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "max_nonfinite_steps": 10, # consecutive non-finite losses that stop the run
     "skip_bad_images": False,  # evaluation leaves unreadable gallery images out instead of stopping
     "device": "auto",          # auto (cuda if available), cpu, cuda, cuda:N
+    "amp": "off",              # autocast: off, bf16, fp16 (with a GradScaler); weights stay fp32
+    "accum_steps": 1,          # batches per optimizer step (contrastive heads see one batch each)
+    "grad_checkpointing": False,  # recompute encoder activations in backward (less memory)
     # model
     "pretrain_choice": "ViT-B/16",  # OpenAI name, checkpoint path, or 'none' (from scratch)
     "temperature": 0.02,
@@ -96,6 +99,7 @@ CHOICES = {
     "warmup_method": ("linear", "constant"),
     "erase_value": ("zero", "clip_mean"),
     "val_dataset": ("test", "val"),
+    "amp": ("off", "bf16", "fp16"),
 }
 # Keys written by the program into a run's configs.yaml, accepted when it is read back.
 RUN_KEYS = ("num_classes", "clip", "training")
@@ -175,6 +179,8 @@ def resolve(args: argparse.Namespace) -> SimpleNamespace:
     if config_file:
         values.update(load_yaml(config_file))
     values.update({k: _coerce(k, v) if k in DEFAULTS else v for k, v in flags.items()})
+    if values["accum_steps"] < 1:
+        raise ConfigError(f"accum_steps must be at least 1, got {values['accum_steps']}")
     if len(values["img_size"]) != 2:
         raise ConfigError(f"img_size needs two values (height width), got {values['img_size']}")
     return SimpleNamespace(**values)

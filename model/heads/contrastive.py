@@ -1,9 +1,23 @@
-"""Heads whose loss compares each sample with the rest of the batch: SDM, ITC, CMPM."""
+"""Heads whose loss compares each sample with the rest of the batch: SDM, ITC, CMPM.
+
+Under DDP they see the global batch: features and pids of every rank are gathered (gradients flow
+back to each rank's part), so the loss and gradients equal one process on the whole batch.
+"""
 from __future__ import annotations
 
+import torch
+
+from utils.comm import all_gather_no_grad, all_gather_with_grad
+
 from ..objectives import cmpm_loss, itc_loss, sdm_loss
-from .base import Head
+from .base import Batch, EncoderOutput, Head
 from .registry import register_head
+
+
+def global_batch(batch: Batch, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(image features, text features, pids) of the whole batch across processes."""
+    return (all_gather_with_grad(out.image_global), all_gather_with_grad(out.text_global),
+            all_gather_no_grad(batch["pids"]))
 
 
 @register_head
@@ -20,8 +34,8 @@ class SDMHead(Head):
         return cls(1.0 / cfg.temperature, cfg.sdm_loss_weight)
 
     def forward(self, batch, out, encoder):
-        loss = sdm_loss(out.image_global, out.text_global, batch["pids"], self.logit_scale)
-        return {"sdm_loss": self.weight * loss}
+        image, text, pids = global_batch(batch, out)
+        return {"sdm_loss": self.weight * sdm_loss(image, text, pids, self.logit_scale)}
 
 
 @register_head
@@ -38,7 +52,8 @@ class ITCHead(Head):
         return cls(1.0 / cfg.temperature, cfg.itc_loss_weight)
 
     def forward(self, batch, out, encoder):
-        return {"itc_loss": self.weight * itc_loss(out.image_global, out.text_global, self.logit_scale)}
+        image, text, _ = global_batch(batch, out)
+        return {"itc_loss": self.weight * itc_loss(image, text, self.logit_scale)}
 
 
 @register_head
@@ -51,4 +66,5 @@ class CMPMHead(Head):
         return cls(cfg.cmpm_loss_weight)
 
     def forward(self, batch, out, encoder):
-        return {"cmpm_loss": self.weight * cmpm_loss(out.image_global, out.text_global, batch["pids"])}
+        image, text, pids = global_batch(batch, out)
+        return {"cmpm_loss": self.weight * cmpm_loss(image, text, pids)}

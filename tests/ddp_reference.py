@@ -1,0 +1,27 @@
+"""The tiny model and fixed global batch shared by the DDP equality test and its torchrun worker."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from utils.options import DEFAULTS
+
+LOSS_NAMES = "sdm+itc+cmpm+id"
+
+
+def tiny_config() -> SimpleNamespace:
+    return SimpleNamespace(**{**DEFAULTS, "pretrain_choice": "none", "img_size": [32, 16],
+                              "vision_patch_size": 8, "stride_size": 8, "vision_width": 64,
+                              "vision_layers": 1, "text_width": 64, "text_layers": 1, "embed_dim": 32,
+                              "text_length": 16, "loss_names": LOSS_NAMES})
+
+
+def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.zeros(size, 16, dtype=torch.long)
+    ids[:, 0] = 49406
+    ids[:, 1:9] = torch.randint(1, 49405, (size, 8), generator=gen)
+    ids[:, 9] = 49407
+    return {"images": torch.randn(size, 3, 32, 16, generator=gen), "caption_ids": ids,
+            "pids": torch.tensor([0, 1, 0, 2, 3, 1, 4, 5][:size]), "image_ids": torch.arange(size)}

@@ -1,0 +1,76 @@
+"""Process group helpers: rank, world size, barriers and all-gather with gradients.
+
+Started by ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in the environment): NCCL on GPUs,
+gloo on CPU. Without it everything degrades to a single process.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def init_distributed(device_name: str) -> torch.device:
+    """Join the process group when launched by torchrun; returns this process's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_name != "cpu" and torch.cuda.is_available()
+    if world_size > 1 and not is_distributed():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if device_name in ("auto", "cuda") else torch.device(device_name)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenation of every rank's ``tensor`` (rank order); gradients flow back to each rank's part.
+
+    Each rank then computes the loss of the whole global batch; the backward pass sums the
+    gradient that every rank's copy of the loss sends to a part, and DDP's gradient averaging
+    divides by the world size, so the gradients equal those of one process on the global batch.
+    """
+    if not is_distributed():
+        return tensor
+    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def all_gather_no_grad(tensor: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts, dim=0)
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """``flag`` and-ed over all ranks (so that every rank takes the same branch)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
