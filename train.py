@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
     model = build_model(cfg, dataset.num_classes).to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    if cfg.compile:
+        model.encoder.compile_towers()
     if rank:
         set_seed(cfg.seed + rank)  # then a random stream of its own per rank
     generator = torch.Generator().manual_seed(cfg.seed + rank)

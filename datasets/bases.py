@@ -70,6 +70,7 @@ class BaseDataset:
             raise DatasetError(f"{self.name} not found: no folder {self.dataset_dir}")
         candidates = [self.dataset_dir / f for f in self.annotation_files]
         path = next((p for p in candidates if p.is_file()), None)
+        self.annotation_file = path
         if path is None:
             raise DatasetError(f"{self.name} annotation file not found: {' or '.join(map(str, candidates))}")
         try:
@@ -84,6 +85,13 @@ class BaseDataset:
             if missing:
                 raise DatasetError(f"{path}: entry {i} lacks key(s) {', '.join(missing)}")
         return data
+
+    def train_image_paths(self) -> list[str]:
+        """Training images in ``image_id`` order."""
+        paths: dict[int, str] = {}
+        for _, image_id, path, _ in self.train:
+            paths.setdefault(image_id, path)
+        return [paths[i] for i in range(len(paths))]
 
     def _train_records(self, entries: list[dict]) -> list[tuple[int, int, str, str]]:
         records = []

@@ -4,17 +4,20 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utils.comm import barrier, get_rank
 from utils.errors import ConfigError
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
 from .bases import BaseDataset
+from .cache import DecodedImageCache
 from .sampler import RandomIdentitySampler
-from .transforms import build_transforms
+from .transforms import build_tensor_transforms, build_transforms
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 logger = logging.getLogger(__name__)
@@ -72,8 +75,10 @@ class ImageTextDataset(Dataset):
     """
 
     def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
-                 masking: MaskingConfig | None = None, global_sees_masked_caption: bool = False):
+                 masking: MaskingConfig | None = None, global_sees_masked_caption: bool = False,
+                 cache: DecodedImageCache | None = None):
         self.records = records
+        self.cache = cache  # indexed by image_id; ``transform`` then takes uint8 tensors
         self.transform = transform
         self.tokenizer = tokenizer
         self.text_length = text_length
@@ -86,7 +91,7 @@ class ImageTextDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         """A sample, or None for an unreadable image (the collate skips and counts it)."""
         pid, image_id, img_path, caption = self.records[index]
-        image = read_image(img_path)
+        image = read_image(img_path) if self.cache is None else self.cache[image_id]
         if image is None:
             return None
         ids = tokenize(caption, self.tokenizer, self.text_length)
@@ -102,14 +107,14 @@ class ImageTextDataset(Dataset):
 class ImageDataset(Dataset):
     """Gallery images: (pid, image tensor or None if unreadable, path)."""
 
-    def __init__(self, pids: list[int], paths: list[str], transform):
-        self.pids, self.paths, self.transform = pids, paths, transform
+    def __init__(self, pids: list[int], paths: list[str], transform, cache: DecodedImageCache | None = None):
+        self.pids, self.paths, self.transform, self.cache = pids, paths, transform, cache
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = read_image(self.paths[index])
+        image = read_image(self.paths[index]) if self.cache is None else self.cache[index]
         return self.pids[index], None if image is None else self.transform(image), self.paths[index]
 
 
@@ -149,12 +154,29 @@ def collate_images(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, li
     return pids, images, bad
 
 
+def open_cache(cfg, dataset: BaseDataset, split: str, paths: list[str]) -> DecodedImageCache | None:
+    """The split's decoded-image cache when ``cfg.image_cache`` (rank 0 builds it, the others wait)."""
+    if not cfg.image_cache:
+        return None
+    height, width = cfg.img_size
+    folder = Path(cfg.cache_dir) if cfg.cache_dir else dataset.dataset_dir / ".cache"
+    cache_file = folder / f"{split}_{height}x{width}.u8"
+    if get_rank() != 0:
+        barrier()
+    cache = DecodedImageCache(paths, (height, width), cache_file, dataset.annotation_file)
+    if get_rank() == 0:
+        barrier()
+    return cache
+
+
 def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, split: str = "test"):
     """(image loader, text loader) over a split: gallery images and query captions."""
     data = getattr(dataset, split)
-    transform = build_transforms(cfg.img_size, is_train=False)
+    cache = open_cache(cfg, dataset, split, data.img_paths)
+    transform = build_transforms(cfg.img_size, is_train=False) if cache is None else \
+        build_tensor_transforms(cfg.img_size, is_train=False)
     kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform), collate_fn=collate_images,
+    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform, cache), collate_fn=collate_images,
                        **kwargs),
             DataLoader(TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length), **kwargs))
 
@@ -172,9 +194,11 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
     masking = None
     if "mlm_ids" in batch_keys or cfg.MLM:
         masking = MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate)
-    train_set = ImageTextDataset(
-        dataset.train, build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value), tokenizer,
-        cfg.text_length, masking, cfg.global_sees_masked_caption)
+    cache = open_cache(cfg, dataset, "train", dataset.train_image_paths())
+    transform = build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value) if cache is None else \
+        build_tensor_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value)
+    train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, masking,
+                                 cfg.global_sees_masked_caption, cache)
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler == "identity":

@@ -102,6 +102,11 @@ class CLIPEncoder(nn.Module):
         self.visual.transformer.grad_checkpointing = enabled
         self.transformer.grad_checkpointing = enabled
 
+    def compile_towers(self) -> None:
+        """torch.compile both towers in place (state-dict keys unchanged)."""
+        self.visual.compile()
+        self.transformer.compile()
+
     @property
     def embed_dim(self) -> int:
         return self.text_projection.shape[1]

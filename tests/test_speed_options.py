@@ -123,3 +123,14 @@ def test_accum_steps_steps_the_optimizer_every_n_batches():
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 2
     *_, trainer = _train_one_epoch("off", accum_steps=3, batches=[fixed_batch()] * 4)
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 2  # 3 + the last partial one
+
+
+def test_compiled_towers_give_the_same_loss_and_keys():
+    torch.manual_seed(0)
+    model = build_model(tiny_config(), num_classes=6)
+    batch = fixed_batch()
+    keys, eager = list(model.state_dict()), model(batch)["sdm_loss"]
+    model.encoder.compile_towers()
+    compiled = model(batch)["sdm_loss"]
+    assert compiled.item() == pytest.approx(eager.item(), abs=1e-4)
+    assert list(model.state_dict()) == keys  # checkpoints stay interchangeable

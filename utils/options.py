@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "amp": "off",              # autocast: off, bf16, fp16 (with a GradScaler); weights stay fp32
     "accum_steps": 1,          # batches per optimizer step (contrastive heads see one batch each)
     "grad_checkpointing": False,  # recompute encoder activations in backward (less memory)
+    "compile": False,          # torch.compile the encoder towers
     # model
     "pretrain_choice": "ViT-B/16",  # OpenAI name, checkpoint path, or 'none' (from scratch)
     "temperature": 0.02,
@@ -65,6 +66,8 @@ DEFAULTS: dict[str, Any] = {
     "test_batch_size": 512,
     "num_workers": 8,
     "img_aug": False,
+    "image_cache": False,     # decode + resize images once into a memory-mapped uint8 file per split
+    "cache_dir": "",          # where (default <root_dir>/<dataset>/.cache)
     "erase_value": "zero",    # RandomErasing fill: 'zero' or 'clip_mean' (IRRA: mean after Normalize)
     "MLM": False,             # build masked captions even if no head asks for them
     "mlm_prob": 0.15,                     # share of content tokens selected for MLM

@@ -1,0 +1,124 @@
+"""Throughput and memory of a config: training samples/s, peak memory, evaluation features/s and
+data-loader images/s, printed as one JSON object (compare runs by diffing them).
+
+    python tools/benchmark.py --config_file configs/demo.yaml --steps 20
+    python tools/benchmark.py --config_file configs/demo.yaml --pretrain_choice none --vision_width 768 \\
+        --vision_layers 12 --text_width 512 --text_layers 12 --embed_dim 512 --img_size 384 128 \\
+        --vision_patch_size 16 --stride_size 16 --text_length 77 --batch_size 8 --steps 3
+
+Training is timed on batches already loaded (the model alone), after ``--warmup`` steps; the loader
+is timed on its own (``--cache`` builds/uses the decoded-image cache).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from datasets import build_dataset  # noqa: E402
+from datasets.build import build_eval_loaders, build_train_loader  # noqa: E402
+from model.build import build_model  # noqa: E402
+from processor.processor import AMP_DTYPES, move_to  # noqa: E402
+from solver.build import build_optimizer  # noqa: E402
+from utils.errors import run_cli  # noqa: E402
+from utils.iotools import resolve_device, set_seed  # noqa: E402
+from utils.options import build_parser, resolve  # noqa: E402
+from utils.simple_tokenizer import SimpleTokenizer  # noqa: E402
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, count: int, sync) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser(__doc__)
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--loader_batches", type=int, default=10)
+    args = parser.parse_args(argv)
+    steps, warmup, loader_batches = (vars(args).pop(k) for k in ("steps", "warmup", "loader_batches"))
+    cfg = resolve(args)
+    set_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    tokenizer = SimpleTokenizer()
+    dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    model = build_model(cfg, dataset.num_classes).to(device)
+    model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
+    loader = build_train_loader(cfg, dataset, tokenizer, model.required_batch_keys(), torch.Generator())
+
+    start = time.perf_counter()
+    batches = [batch for batch in islice(iter(loader), loader_batches)]
+    loader_seconds = time.perf_counter() - start
+    images_loaded = sum(len(b["pids"]) for b in batches)
+
+    optimizer = build_optimizer(cfg, model)
+    amp = AMP_DTYPES.get(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    model.train()
+    state = {"i": 0}
+
+    def step() -> None:
+        batch = dict(batches[state["i"] % len(batches)])
+        batch.pop("skipped")
+        state["i"] += 1
+        batch = move_to(batch, device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            outputs = model(batch)
+            total = sum(v for k, v in outputs.items() if k.endswith("_loss"))
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    timed(step, warmup, sync)
+    step_times = timed(step, steps, sync)
+    batch_size = len(batches[0]["pids"])
+
+    img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, "test")
+    model.eval()
+    images = [images.to(device) for _, images, _ in img_loader]
+    texts = [ids.to(device) for _, ids in txt_loader]
+    with torch.no_grad():
+        image_seconds = sum(timed(lambda: [model.encode_image(x) for x in images], 1, sync))
+        text_seconds = sum(timed(lambda: [model.encode_text(x) for x in texts], 1, sync))
+    result = {
+        "config": {k: getattr(cfg, k) for k in ("dataset_name", "loss_names", "batch_size", "img_size", "amp",
+                                                 "vision_width", "vision_layers", "text_width", "text_layers",
+                                                 "pretrain_choice", "num_workers")},
+        "device": str(device), "threads": torch.get_num_threads(),
+        "train_step_seconds_median": statistics.median(step_times),
+        "train_samples_per_second": batch_size / statistics.median(step_times),
+        "peak_memory_mb": peak_memory_mb(device),
+        "eval_image_features_per_second": sum(len(x) for x in images) / image_seconds,
+        "eval_text_features_per_second": sum(len(x) for x in texts) / text_seconds,
+        "loader_images_per_second": images_loaded / loader_seconds,
+    }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
