@@ -103,11 +103,8 @@ def test_zero_shot_formats_agree(toy_root, openai_checkpoint, tmp_path):
     assert a == b
 
 
-@pytest.mark.parametrize("flags, message", [
+@pytest.mark.parametrize("flags, message", [  # every case in-process: test_reliability.py
     (["--loss_names", "sdm+foo"], "unknown loss name 'foo'"),
-    (["--dataset_name", "Market"], "unknown dataset_name 'Market'"),
-    (["--root_dir", "/nonexistent/root"], "/nonexistent/root"),
-    (["--pretrain_choice", "/nonexistent/clip.pt"], "checkpoint not found: /nonexistent/clip.pt"),
 ])
 def test_user_mistakes_give_one_clear_line(toy_root, tmp_path, flags, message):
     args = [sys.executable, "train.py", "--config_file", "configs/demo.yaml", "--root_dir", str(toy_root),
