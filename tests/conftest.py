@@ -250,3 +250,26 @@ def toy_benchmarks(tmp_path):
                                         "RSTPReid": "img_path"},
                            json_names={"CUHK-PEDES": "reid_raw.json", "ICFG-PEDES": "ICFG-PEDES.json",
                                        "RSTPReid": "data_captions.json"})
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny model configs
+# ----------------------------------------------------------------------------------------------
+TINY_MODEL = dict(pretrain_choice="none", img_size=[32, 16], vision_patch_size=8, stride_size=8,
+                  vision_width=64, vision_layers=1, text_width=64, text_layers=1, embed_dim=64,
+                  cmt_depth=1, vocab_size=49408, text_length=77)
+
+
+def tiny_model_config(**overrides) -> SimpleNamespace:
+    """The default config with a tiny from-scratch encoder (and any overrides)."""
+    from utils.options import DEFAULTS
+    return SimpleNamespace(**{**DEFAULTS, **TINY_MODEL, **overrides})
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

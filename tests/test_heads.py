@@ -1,5 +1,4 @@
 """Head registry, the model's forward over all heads and the IRR/MLM head (spec 5.6-5.8, V8)."""
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,26 +9,15 @@ from model.heads import HEADS, parse_loss_names, register_head
 from model.heads.base import EncoderOutput, Head
 from model.heads.identity import IDHead
 from model.heads.mlm import MLMHead
-from utils.options import DEFAULTS
+from conftest import tiny_model_config
 
 SOT, EOT, MASK = 49406, 49407, 49405
 ALL = "sdm+mlm+id+itc+cmpm"
-TINY = dict(pretrain_choice="none", img_size=[32, 16], vision_patch_size=8, stride_size=8,
-            vision_width=64, vision_layers=1, text_width=64, text_layers=1, embed_dim=64,
-            cmt_depth=1, vocab_size=49408, text_length=77)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_cfg(**overrides):
-    return SimpleNamespace(**{**DEFAULTS, **TINY, **overrides})
+    return tiny_model_config(**overrides)
 
 
 def make_model(loss_names=ALL, num_classes=5, seed=0):

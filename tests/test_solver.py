@@ -1,30 +1,18 @@
 """Optimizer parameter groups and the lr schedule (spec section 6, check V9, decision 1)."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from model.build import build_model
 from solver.build import build_lr_scheduler, build_optimizer
-from utils.options import DEFAULTS
+from conftest import tiny_model_config
 
-TINY = dict(pretrain_choice="none", img_size=[32, 16], vision_patch_size=8, stride_size=8,
-            vision_width=64, vision_layers=1, text_width=64, text_layers=1, embed_dim=64,
-            cmt_depth=1, vocab_size=49408)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_cfg(**overrides):
-    return SimpleNamespace(**{**DEFAULTS, **TINY, **overrides})
+    return tiny_model_config(**overrides)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,8 @@ def global_batch(batch: Batch, out: EncoderOutput) -> tuple[torch.Tensor, torch.
             all_gather_no_grad(batch["pids"]))
 
 
-@register_head
-class SDMHead(Head):
-    """Similarity Distribution Matching (IRRA), fixed logit scale 1/temperature."""
-    name = "sdm"
+class ScaledContrastiveHead(Head):
+    """A contrastive head with the fixed logit scale 1/temperature and weight ``<name>_loss_weight``."""
 
     def __init__(self, logit_scale: float, weight: float = 1.0):
         super().__init__(weight)
@@ -31,7 +29,13 @@ class SDMHead(Head):
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):
-        return cls(1.0 / cfg.temperature, cfg.sdm_loss_weight)
+        return cls(1.0 / cfg.temperature, getattr(cfg, f"{cls.name}_loss_weight"))
+
+
+@register_head
+class SDMHead(ScaledContrastiveHead):
+    """Similarity Distribution Matching (IRRA)."""
+    name = "sdm"
 
     def forward(self, batch, out, encoder):
         image, text, pids = global_batch(batch, out)
@@ -39,17 +43,9 @@ class SDMHead(Head):
 
 
 @register_head
-class ITCHead(Head):
+class ITCHead(ScaledContrastiveHead):
     """Image-text contrastive InfoNCE with diagonal targets."""
     name = "itc"
-
-    def __init__(self, logit_scale: float, weight: float = 1.0):
-        super().__init__(weight)
-        self.logit_scale = logit_scale
-
-    @classmethod
-    def from_config(cls, cfg, encoder_cfg, num_classes):
-        return cls(1.0 / cfg.temperature, cfg.itc_loss_weight)
 
     def forward(self, batch, out, encoder):
         image, text, _ = global_batch(batch, out)
