@@ -57,3 +57,27 @@ def cmpm_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.T
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (logits.argmax(dim=1) == labels).float().mean()
+
+
+def cmt_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Tensor,
+             margin: float = 0.05) -> torch.Tensor:
+    """Cross-modal triplet (UIT/SEN): for each text the most similar image of another identity, and
+    for each image the most similar text of another identity, against the paired item at the same
+    index; hinge on cosine similarity with a hard margin, the two directions' means summed.
+
+    Mining uses a detached copy; the loss gathers the mined negatives from the live features so
+    they get gradients. Anchors with no other-identity sample are left out of their direction's
+    mean (0 when there are none).
+    """
+    sims = F.normalize(text_feats, dim=1) @ F.normalize(image_feats, dim=1).t()  # texts x images
+    negatives_allowed = identity_labels(pids) == 0
+    mining = sims.detach().masked_fill(~negatives_allowed, float("-inf"))
+    positive = sims.diagonal()
+    total = sims.new_zeros(())
+    for scores, mined, valid in ((sims, mining.argmax(dim=1), negatives_allowed.any(dim=1)),
+                                 (sims.t(), mining.argmax(dim=0), negatives_allowed.any(dim=0))):
+        hardest = scores.gather(1, mined[:, None]).squeeze(1)
+        hinge = (hardest - positive + margin).clamp(min=0)[valid]
+        if len(hinge):
+            total = total + hinge.mean()
+    return total

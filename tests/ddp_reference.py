@@ -7,7 +7,7 @@ import torch
 
 from utils.options import DEFAULTS
 
-LOSS_NAMES = "sdm+itc+cmpm+id"
+LOSS_NAMES = "sdm+itc+cmpm+cmt+id"
 
 
 def tiny_config() -> SimpleNamespace:

@@ -29,7 +29,7 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
     model = build_model(tiny_config(), num_classes=6)
     outputs = model(fixed_batch())
     sum(v for k, v in outputs.items() if k.endswith("_loss")).backward()
-    for name in ("sdm_loss", "itc_loss", "cmpm_loss"):  # computed on the gathered global batch
+    for name in ("sdm_loss", "itc_loss", "cmpm_loss", "cmt_loss"):  # computed on the gathered global batch
         assert ddp["losses"][name].item() == pytest.approx(outputs[name].item(), abs=1e-5)
     assert set(ddp["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, param in model.named_parameters():

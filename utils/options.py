@@ -56,7 +56,9 @@ DEFAULTS: dict[str, Any] = {
     "cmpm_loss_weight": 1.0,
     "id_loss_weight": 1.0,
     "mlm_loss_weight": 1.0,
-    "cmt_depth": 4,
+    "cmt_depth": 4,            # IRRA's cross-modal transformer depth (MLM head)
+    "cmt_loss_weight": 1.0,    # UIT's cross-modal triplet loss (the UIT recipe uses 10)
+    "cmt_margin": 0.05,
     # data
     "dataset_name": "CUHK-PEDES",
     "root_dir": "./data",
