@@ -7,7 +7,7 @@ The encoder knows nothing about training heads.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

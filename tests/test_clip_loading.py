@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import math
 import urllib.error
 import urllib.request
 import warnings

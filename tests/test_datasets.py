@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace

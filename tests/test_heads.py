@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from model.build import build_model
 from model.heads import HEADS, parse_loss_names, register_head
-from model.heads.base import EncoderOutput, Head
+from model.heads.base import Head
 from model.heads.identity import IDHead
 from model.heads.mlm import MLMHead
 from conftest import tiny_model_config

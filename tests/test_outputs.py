@@ -3,7 +3,6 @@ training loop evaluating through the retrieval engine."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

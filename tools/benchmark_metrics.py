@@ -93,8 +93,8 @@ def main() -> None:
     shape = (args.queries, args.gallery, args.dim, args.ids)
     rows = {m: measure(m, *shape) for m in ("ours", "matmul", "irra")}
     print(f"{args.queries} queries x {args.gallery} gallery, {args.dim}-d, {args.ids} ids")
-    print(f"| method | seconds | peak MB above interpreter | vs matmul time | vs IRRA memory |")
-    print(f"|---|---|---|---|---|")
+    print("| method | seconds | peak MB above interpreter | vs matmul time | vs IRRA memory |")
+    print("|---|---|---|---|---|")
     for name, row in rows.items():
         print(f"| {name} | {row['seconds']:.3f} | {row['peak_above_mb']:.0f} | "
               f"{row['seconds'] / rows['matmul']['seconds']:.2f}x | "
