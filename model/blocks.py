@@ -41,12 +41,14 @@ class MultiheadAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                causal: bool = False) -> torch.Tensor:
+                causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``key_mask`` ([B, Lk] bool, True = attend) leaves out keys such as text padding."""
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = (self._split(F.linear(x, w, b))
                    for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 

@@ -63,8 +63,11 @@ class VisionTransformer(nn.Module):
         x = self.conv1(images).flatten(2).transpose(1, 2)
         return x + self.positional_embedding[1:].to(x.dtype)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, keep_patches: torch.Tensor | None = None) -> torch.Tensor:
         patches = self.embed(images)
+        if keep_patches is not None:  # drop tokens after the position embedding, before ln_pre
+            index = keep_patches.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
+            patches = patches.gather(1, index)
         cls = (self.class_embedding + self.positional_embedding[0]).to(patches.dtype)
         x = torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1)
         x = self.transformer(self.ln_pre(x))
@@ -111,9 +114,14 @@ class CLIPEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.text_projection.shape[1]
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """All visual tokens after ``ln_post`` and ``proj``: [B, 1+N, E]."""
-        return self.visual(images)
+    def encode_image(self, images: torch.Tensor, keep_patches: torch.Tensor | None = None) -> torch.Tensor:
+        """All visual tokens after ``ln_post`` and ``proj``: [B, 1+N, E].
+
+        ``keep_patches`` ([B, K] patch indices, row-major over the grid) encodes only those patches
+        (MAE-style token dropping, e.g. for masked image modelling): the output is [B, 1+K, E], CLS
+        first, then the kept patches in the given order. Dropped patches never enter the Transformer.
+        """
+        return self.visual(images, keep_patches)
 
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """All text tokens after ``ln_final`` and ``text_projection``: [B, L, E]."""
