@@ -81,3 +81,10 @@ def cmt_loss(image_feats: torch.Tensor, text_feats: torch.Tensor, pids: torch.Te
         if len(hinge):
             total = total + hinge.mean()
     return total
+
+
+def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """MAE's reconstruction loss: per patch the mean squared error over its values, averaged over
+    the patches with ``mask`` 1 ([B, N] 0/1); patches with mask 0 contribute nothing."""
+    per_patch = (pred - target).pow(2).mean(dim=-1)
+    return (per_patch * mask).sum() / mask.sum()
