@@ -1,9 +1,7 @@
-"""Torch datasets, MLM masking, samplers and loaders for training and evaluation."""
+"""Torch datasets, samplers and loaders for training and evaluation."""
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +14,8 @@ from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
 from .bases import BaseDataset
 from .cache import DecodedImageCache
-from .sampler import RandomIdentitySampler
+from .captions import CaptionAugmentation, MaskingConfig, mask_tokens
+from .sampler import RandomIdentitySampler, RandomIdNumSampler
 from .transforms import build_tensor_transforms, build_transforms
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
@@ -33,50 +32,18 @@ def read_image(path: str) -> Image.Image | None:
         return None
 
 
-@dataclass
-class MaskingConfig:
-    """IRRA's MLM masking: select content tokens with ``prob``; of those, ``mask_rate`` become
-    <|mask|>, ``unchanged_rate`` stay, the rest become a random content id."""
-    prob: float = 0.15
-    mask_rate: float = 0.8
-    unchanged_rate: float = 0.1
-
-
-def mask_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, cfg: MaskingConfig,
-                rng: random.Random | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked copy of ``ids`` and labels (original id at selected positions, 0 elsewhere).
-
-    Eligible tokens are ids 1..mask_id-1 (no padding, <|mask|>, SOT or EOT). If nothing was
-    selected, position 1 is masked so every caption has a label (IRRA).
-    """
-    rng = rng or random
-    masked = ids.clone()
-    labels = torch.zeros_like(ids)
-    for i, token in enumerate(ids.tolist()):
-        if not 0 < token < tokenizer.mask_id or rng.random() >= cfg.prob:
-            continue
-        labels[i] = token
-        draw = rng.random()
-        if draw < cfg.mask_rate:
-            masked[i] = tokenizer.mask_id
-        elif draw < 1.0 - cfg.unchanged_rate:
-            masked[i] = rng.randrange(1, tokenizer.mask_id)
-    if not labels.any():
-        labels[1] = ids[1]
-        masked[1] = tokenizer.mask_id
-    return masked, labels
-
-
 class ImageTextDataset(Dataset):
     """Training samples, one per caption: pids, image_ids, images, caption_ids (+ mlm_ids, mlm_labels).
 
-    With ``global_sees_masked_caption`` (IRRA's aliasing, spec 5.7) ``caption_ids`` is the masked
-    caption too, so the global losses train on it as in the released IRRA numbers.
+    ``augment`` (UIT's pruning / corruption) turns the caption into ``caption_ids``; MLM masking
+    starts from those. With ``global_sees_masked_caption`` (IRRA's aliasing, spec 5.7)
+    ``caption_ids`` is the masked caption too, so the global losses train on it as in the released
+    IRRA numbers.
     """
 
     def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
                  masking: MaskingConfig | None = None, global_sees_masked_caption: bool = False,
-                 cache: DecodedImageCache | None = None):
+                 cache: DecodedImageCache | None = None, augment: CaptionAugmentation | None = None):
         self.records = records
         self.cache = cache  # indexed by image_id; ``transform`` then takes uint8 tensors
         self.transform = transform
@@ -84,6 +51,7 @@ class ImageTextDataset(Dataset):
         self.text_length = text_length
         self.masking = masking
         self.aliasing = global_sees_masked_caption
+        self.augment = augment
 
     def __len__(self) -> int:
         return len(self.records)
@@ -94,7 +62,10 @@ class ImageTextDataset(Dataset):
         image = read_image(img_path) if self.cache is None else self.cache[image_id]
         if image is None:
             return None
-        ids = tokenize(caption, self.tokenizer, self.text_length)
+        if self.augment is None:
+            ids = tokenize(caption, self.tokenizer, self.text_length)
+        else:
+            ids = self.augment(caption, self.tokenizer, self.text_length)
         sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids}
         if self.masking is not None:
             masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
@@ -197,13 +168,18 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
     cache = open_cache(cfg, dataset, "train", dataset.train_image_paths())
     transform = build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value) if cache is None else \
         build_tensor_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value)
+    augment = CaptionAugmentation(
+        cfg.text_prune_prob, cfg.text_prune_mode,
+        MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) if cfg.text_mask_corruption
+        else None, cfg.corruption_key_prob, cfg.corruption_other_prob)
     train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, masking,
-                                 cfg.global_sees_masked_caption, cache)
+                                 cfg.global_sees_masked_caption, cache, augment if augment.active else None)
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
-    if cfg.sampler == "identity":
-        sampler = RandomIdentitySampler([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance,
-                                        cfg.seed, rank, world_size)
+    if cfg.sampler in ("identity", "idrannum"):
+        sampler_cls = RandomIdentitySampler if cfg.sampler == "identity" else RandomIdNumSampler
+        sampler = sampler_cls([r[0] for r in dataset.train], cfg.batch_size, cfg.num_instance,
+                              cfg.seed, rank, world_size)
         return DataLoader(train_set, sampler=sampler, **kwargs)
     if world_size > 1:
         sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)

@@ -102,12 +102,16 @@ class SimpleTokenizer:
         self.cache[token] = result
         return result
 
+    def encode_words(self, text: str) -> list[tuple[str, list[int]]]:
+        """Each word of the cleaned, lower-cased text (CLIP's pre-tokenisation) with its BPE ids."""
+        words = []
+        for word in regex.findall(self.pattern, _clean(text)):
+            symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
+            words.append((word, [self.encoder[t] for t in self.bpe(symbols).split(" ")]))
+        return words
+
     def encode(self, text: str) -> list[int]:
-        ids = []
-        for piece in regex.findall(self.pattern, _clean(text)):
-            symbols = "".join(self.byte_encoder[b] for b in piece.encode("utf-8"))
-            ids.extend(self.encoder[t] for t in self.bpe(symbols).split(" "))
-        return ids
+        return [i for _, ids in self.encode_words(text) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         text = "".join(self.decoder[i] for i in ids)

@@ -1,0 +1,88 @@
+"""Caption token augmentations: IRRA's MLM masking and UIT's key-word pruning and corruption."""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from utils.simple_tokenizer import SimpleTokenizer, tokenize
+
+from .text_prune import is_key_word, prune_caption
+
+
+@dataclass
+class MaskingConfig:
+    """IRRA's MLM masking: select content tokens with ``prob``; of those, ``mask_rate`` become
+    <|mask|>, ``unchanged_rate`` stay, the rest become a random content id."""
+    prob: float = 0.15
+    mask_rate: float = 0.8
+    unchanged_rate: float = 0.1
+
+
+def mask_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, cfg: MaskingConfig,
+                rng: random.Random | None = None,
+                select_probs: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked copy of ``ids`` and labels (original id at selected positions, 0 elsewhere).
+
+    Eligible tokens are ids 1..mask_id-1 (no padding, <|mask|>, SOT or EOT), each selected with
+    ``cfg.prob`` or, when given, its own ``select_probs[i]``. If nothing was selected, position 1
+    is masked so every caption has a label (IRRA).
+    """
+    rng = rng or random
+    masked = ids.clone()
+    labels = torch.zeros_like(ids)
+    for i, token in enumerate(ids.tolist()):
+        prob = cfg.prob if select_probs is None else select_probs[i]
+        if not 0 < token < tokenizer.mask_id or rng.random() >= prob:
+            continue
+        labels[i] = token
+        draw = rng.random()
+        if draw < cfg.mask_rate:
+            masked[i] = tokenizer.mask_id
+        elif draw < 1.0 - cfg.unchanged_rate:
+            masked[i] = rng.randrange(1, tokenizer.mask_id)
+    if not labels.any():
+        labels[1] = ids[1]
+        masked[1] = tokenizer.mask_id
+    return masked, labels
+
+
+def key_word_positions(caption: str, tokenizer: SimpleTokenizer, text_length: int) -> list[bool]:
+    """For each position of ``tokenize(caption)``: whether it is a BPE piece of a key word (a
+    word the offline key-word filter keeps: SEN's noun/adjective pieces)."""
+    flags = [False]  # SOT
+    for word, ids in tokenizer.encode_words(caption):
+        flags.extend([is_key_word(word)] * len(ids))
+    flags = flags[:text_length] + [False] * max(0, text_length - len(flags))
+    return flags
+
+
+@dataclass
+class CaptionAugmentation:
+    """UIT's training-caption augmentations, in SEN's order: with ``prune_prob`` the caption is
+    pruned to its key words before tokenisation; then, if ``corruption`` is set, its pieces are
+    MLM-corrupted in place (key-word pieces selected with ``key_prob``, others ``other_prob``).
+    The result is the caption every head sees in that step."""
+    prune_prob: float = 0.0
+    prune_mode: str = "pos_approx"
+    corruption: MaskingConfig | None = None
+    key_prob: float = 0.3
+    other_prob: float = 0.05
+
+    def __call__(self, caption: str, tokenizer: SimpleTokenizer, text_length: int,
+                 rng: random.Random | None = None) -> torch.Tensor:
+        rng = rng or random
+        if self.prune_prob > 0 and rng.random() < self.prune_prob:
+            caption = prune_caption(caption, self.prune_mode)
+        ids = tokenize(caption, tokenizer, text_length)
+        if self.corruption is None:
+            return ids
+        probs = [self.key_prob if key else self.other_prob
+                 for key in key_word_positions(caption, tokenizer, text_length)]
+        return mask_tokens(ids, tokenizer, self.corruption, rng, probs)[0]
+
+    @property
+    def active(self) -> bool:
+        return self.prune_prob > 0 or self.corruption is not None
