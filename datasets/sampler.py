@@ -1,6 +1,7 @@
-"""Identity sampler: P identities x K captions per (global) batch (IRRA's RandomIdentitySampler).
+"""Identity samplers: P identities x K captions per (global) batch (IRRA's RandomIdentitySampler)
+and SEN's ``idrannum`` variant, where each identity draws its K from 1..num_instance every epoch.
 
-Its randomness comes from ``seed + epoch`` (``set_epoch``), so every DDP rank builds the same
+Their randomness comes from ``seed + epoch`` (``set_epoch``), so every DDP rank builds the same
 global order and takes its own slice of each global batch; resuming at an epoch needs no state.
 """
 from __future__ import annotations
@@ -35,22 +36,26 @@ class RandomIdentitySampler(Sampler[int]):
         if len(self.pids) < self.num_pids_per_batch:
             raise ConfigError(f"identity sampler needs {self.num_pids_per_batch} identities per batch, "
                               f"the data has {len(self.pids)}")
-        self.length = sum(max(len(v), num_instances) // num_instances * num_instances
-                          for v in self.index_dic.values()) // world_size
+        self._local: tuple[int, list[int]] | None = None  # (epoch, this rank's indices)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def chunk_size(self, rng: random.Random) -> int:
+        """Samples per chunk of one identity this epoch."""
+        return self.num_instances
 
     def global_order(self) -> list[int]:
         rng = random.Random(self.seed + self.epoch)
         chunks: dict[int, list[list[int]]] = {}
         for pid in self.pids:
+            k = self.chunk_size(rng)
             idxs = list(self.index_dic[pid])
-            if len(idxs) < self.num_instances:
-                idxs = rng.choices(idxs, k=self.num_instances)
+            if len(idxs) < k:
+                idxs = rng.choices(idxs, k=k)
             rng.shuffle(idxs)
-            usable = len(idxs) // self.num_instances * self.num_instances
-            chunks[pid] = [idxs[i:i + self.num_instances] for i in range(0, usable, self.num_instances)]
+            usable = len(idxs) // k * k
+            chunks[pid] = [idxs[i:i + k] for i in range(0, usable, k)]
         available = [pid for pid in self.pids if chunks[pid]]
         order: list[int] = []
         while len(available) >= self.num_pids_per_batch:
@@ -60,12 +65,31 @@ class RandomIdentitySampler(Sampler[int]):
                     available.remove(pid)
         return order
 
+    def local_order(self) -> list[int]:
+        """This rank's share of every global batch of this epoch's order. A final partial batch is
+        split evenly (its remainder of fewer than ``world_size`` samples is left out)."""
+        if self._local is None or self._local[0] != self.epoch:
+            order = self.global_order()
+            local: list[int] = []
+            for b in range(0, len(order), self.batch_size):
+                size = min(self.batch_size, len(order) - b) // self.world_size
+                local.extend(order[b + self.rank * size:b + (self.rank + 1) * size])
+            self._local = (self.epoch, local)
+        return self._local[1]
+
     def __iter__(self) -> Iterator[int]:
-        order = self.global_order()
-        local = self.batch_size // self.world_size
-        start = self.rank * local
-        return iter([i for b in range(0, len(order), self.batch_size)
-                     for i in order[b + start:b + start + local]])
+        return iter(self.local_order())
 
     def __len__(self) -> int:
-        return self.length
+        """The number of indices this epoch yields (the order is built to count them)."""
+        return len(self.local_order())
+
+
+class RandomIdNumSampler(RandomIdentitySampler):
+    """SEN's ``idrannum``: as the identity sampler, but each identity's chunk size is drawn
+    uniformly from 1..num_instance every epoch, so batches mix single samples and same-identity
+    pairs (SEN's recipe: num_instance 2). P = batch_size // num_instance identities per group;
+    groups are not aligned to batches when chunks are smaller than num_instance."""
+
+    def chunk_size(self, rng: random.Random) -> int:
+        return rng.randint(1, self.num_instances)
