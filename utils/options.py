@@ -57,12 +57,21 @@ DEFAULTS: dict[str, Any] = {
     "id_loss_weight": 1.0,
     "mlm_loss_weight": 1.0,
     "cmt_depth": 4,            # IRRA's cross-modal transformer depth (MLM head)
-    "cmt_loss_weight": 1.0,    # UIT's cross-modal triplet loss (the UIT recipe uses 10)
+    "cmt_loss_weight": 10.0,   # UIT's cross-modal triplet loss (SEN's run_SEN.sh)
     "cmt_margin": 0.05,
+    # UIT's text-guided image restoration head (tir); defaults are SEN's released recipe
+    "tir_loss_weight": 10.0,
+    "tir_mask_ratio": 0.7,     # encoder keeps int((1 + patches) * (1 - ratio)) tokens, CLS included
+    "tir_depth": 4,            # decoder self-attention blocks
+    "tir_gray": True,          # the masked pass sees the grayscale image (the target stays colour)
+    "tir_norm_pix": False,     # normalise each target patch (MAE's norm_pix_loss; SEN: off)
+    "tir_mask_exact": False,   # supervise every dropped patch (SEN leaves one out: off-by-one quirk)
+    "tir_residual": False,     # residual around the text cross-attention (SEN: none)
+    "tir_text_pad_mask": False,  # cross-attention ignores text padding after EOT (SEN: attends to it)
     # data
     "dataset_name": "CUHK-PEDES",
     "root_dir": "./data",
-    "sampler": "random",
+    "sampler": "random",       # random, identity (P x K), idrannum (SEN: 1..K per identity)
     "num_instance": 4,
     "batch_size": 128,
     "test_batch_size": 512,
@@ -76,6 +85,11 @@ DEFAULTS: dict[str, Any] = {
     "masked_token_rate": 0.8,             # selected tokens replaced by <|mask|>
     "masked_token_unchanged_rate": 0.1,   # selected tokens left unchanged (the rest: random id)
     "global_sees_masked_caption": False,  # IRRA's aliasing: SDM/ID see the masked caption
+    "text_prune_prob": 0.0,               # UIT: caption pruned to key words with this probability
+    "text_prune_mode": "pos_approx",      # offline stand-in for SEN's POS filter, or attribute_only
+    "text_mask_corruption": False,        # SEN's in-place MLM corruption of the training caption
+    "corruption_key_prob": 0.3,           # its selection rate for key-word (noun/adjective) pieces
+    "corruption_other_prob": 0.05,        # ... and for every other piece
     # solver
     "optimizer": "Adam",
     "lr": 1e-5,
@@ -98,7 +112,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 CHOICES = {
-    "sampler": ("random", "identity"),
+    "sampler": ("random", "identity", "idrannum"),
+    "text_prune_mode": ("pos_approx", "attribute_only"),
     "optimizer": ("Adam", "AdamW", "SGD"),
     "lrscheduler": ("cosine", "step"),
     "warmup_method": ("linear", "constant"),
