@@ -7,7 +7,7 @@ import torch
 
 from utils.options import DEFAULTS
 
-LOSS_NAMES = "sdm+itc+cmpm+cmt+id"
+LOSS_NAMES = "sdm+itc+cmpm+cmt+id+tir"
 
 
 def tiny_config() -> SimpleNamespace:
@@ -25,3 +25,16 @@ def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
     ids[:, 9] = 49407
     return {"images": torch.randn(size, 3, 32, 16, generator=gen), "caption_ids": ids,
             "pids": torch.tensor([0, 1, 0, 2, 3, 1, 4, 5][:size]), "image_ids": torch.arange(size)}
+
+
+def fixed_patch_order(model) -> None:
+    """Make the TIR head's random patch mask a function of each sample's image id, so that the
+    two-process run and the one-process run mask the same patches."""
+    head = model.heads["tir"]
+
+    def order(batch):
+        ids_shuffle = torch.stack([torch.randperm(head.num_patches, generator=torch.Generator().manual_seed(int(i)))
+                                   for i in batch["image_ids"]])
+        return ids_shuffle, ids_shuffle.argsort(dim=1)
+
+    head.patch_order = order

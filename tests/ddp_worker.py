@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from model.build import build_model  # noqa: E402
 from utils.comm import get_rank, get_world_size, init_distributed  # noqa: E402
-from ddp_reference import LOSS_NAMES, fixed_batch, tiny_config  # noqa: E402
+from ddp_reference import LOSS_NAMES, fixed_batch, fixed_patch_order, tiny_config  # noqa: E402
 
 
 def main(out_path: str) -> None:
@@ -22,6 +22,7 @@ def main(out_path: str) -> None:
     rank, world = get_rank(), get_world_size()
     torch.manual_seed(0)
     model = build_model(tiny_config(), num_classes=6)
+    fixed_patch_order(model)
     batch = fixed_batch()
     local = {k: v.chunk(world)[rank] for k, v in batch.items()}
     ddp = DistributedDataParallel(model)

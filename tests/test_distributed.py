@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from ddp_reference import fixed_batch, tiny_config
+from ddp_reference import fixed_batch, fixed_patch_order, tiny_config
 from model.build import build_model
 from test_end_to_end import REPO, TINY
 from datasets.toy import generate_toy_dataset
@@ -26,6 +26,7 @@ def test_two_processes_equal_one_on_the_global_batch(tmp_path):
     ddp = torch.load(out)
     torch.manual_seed(0)
     model = build_model(tiny_config(), num_classes=6)
+    fixed_patch_order(model)
     outputs = model(fixed_batch())
     sum(v for k, v in outputs.items() if k.endswith("_loss")).backward()
     for name in ("sdm_loss", "itc_loss", "cmpm_loss", "cmt_loss"):  # computed on the gathered global batch

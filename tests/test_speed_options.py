@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from ddp_reference import fixed_batch, tiny_config
+from ddp_reference import fixed_batch, fixed_patch_order, tiny_config
 from model.blocks import MultiheadAttention
 from model.build import build_model
 from processor.processor import EpochTrainer
@@ -95,6 +95,7 @@ def _grads(model, batch):
 def test_gradient_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
     model = build_model(tiny_config(), num_classes=6)
+    fixed_patch_order(model)  # the same TIR mask in both passes
     batch = fixed_batch()
     plain = _grads(model, batch)
     model.encoder.set_grad_checkpointing(True)

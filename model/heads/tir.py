@@ -118,6 +118,11 @@ class TIRHead(Head):
                    cfg.tir_gray, cfg.tir_norm_pix, cfg.tir_mask_exact, cfg.tir_residual,
                    cfg.tir_text_pad_mask, cfg.tir_loss_weight)
 
+    def patch_order(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids_shuffle, ids_restore) of this step: a fresh random mask per sample."""
+        images = batch["images"]
+        return random_patch_order(images.shape[0], self.num_patches, images.device)
+
     def loss_mask(self, ids_restore: torch.Tensor) -> torch.Tensor:
         """1 at the patches the loss supervises. SEN marks ranks >= keep, so the last dropped patch
         (rank keep-1) is reconstructed but not supervised [quirk]; ``mask_exact`` marks every dropped one."""
@@ -147,7 +152,7 @@ class TIRHead(Head):
 
     def forward(self, batch, out, encoder):
         images = batch["images"]
-        ids_shuffle, ids_restore = random_patch_order(images.shape[0], self.num_patches, images.device)
+        ids_shuffle, ids_restore = self.patch_order(batch)
         inputs = to_grayscale(images) if self.gray else images
         tokens = encoder.encode_image(inputs, keep_patches=ids_shuffle[:, :self.keep - 1])
         text_keep = None
