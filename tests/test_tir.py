@@ -9,7 +9,8 @@ import torch
 from model.build import build_model
 from model.clip import CLIPConfig, CLIPEncoder
 from model.heads.base import EncoderOutput
-from model.heads.tir import TIRHead, patchify, random_patch_order, sincos_pos_embed_2d, to_grayscale, tokens_kept
+from model.heads.tir import (TIRHead, patchify, random_patch_order, restoration_target, sincos_pos_embed_2d,
+                             to_grayscale, tokens_kept)
 from model.objectives import masked_patch_mse
 from utils.errors import ConfigError
 
@@ -128,6 +129,14 @@ def test_patchify_layout():
     for r, c, py, px, channel in [(0, 0, 0, 0, 0), (23, 7, 15, 15, 1), (5, 3, 9, 2, 0)]:
         expected = 1000 * channel + 128 * (16 * r + py) + (16 * c + px)
         assert target[0, r * 8 + c, (py * 16 + px) * 3 + channel].item() == expected
+
+
+def test_norm_pix_target():
+    images = torch.randn(2, 3, 32, 16, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    assert torch.equal(restoration_target(images, 8), patchify(images, 8))  # SEN: raw normalised pixels
+    target = restoration_target(images, 8, norm_pix=True)
+    torch.testing.assert_close(target.mean(dim=-1), torch.zeros(2, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(target.var(dim=-1), torch.ones(2, 8), atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("row, dims", [

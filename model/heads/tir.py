@@ -41,6 +41,16 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, gh * gw, patch * patch * channels)
 
 
+def restoration_target(images: torch.Tensor, patch: int, norm_pix: bool = False) -> torch.Tensor:
+    """The colour patches to restore, [B, N, p*p*3]; with ``norm_pix`` each patch is standardised
+    by its own mean and (unbiased) variance, as MAE's norm_pix_loss (SEN: off)."""
+    target = patchify(images, patch)
+    if norm_pix:
+        mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
+        target = (target - mean) / (var + 1e-6).sqrt()
+    return target
+
+
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (MAE convention) of a (rows, cols) grid with a zero CLS row first:
     [1 + rows*cols, dim]. The first half of the dims encodes the column, the second half the row;
@@ -163,10 +173,7 @@ class TIRHead(Head):
         # The first pass's text tokens: the text encoder has no dropout, so re-encoding the same
         # caption (as SEN does) gives the same values and gradients at twice the text compute.
         pred = self.decode(tokens, out.text_tokens, ids_restore, text_keep).float()
-        target = patchify(images.float(), self.patch)
-        if self.norm_pix:
-            mean, var = target.mean(dim=-1, keepdim=True), target.var(dim=-1, keepdim=True)
-            target = (target - mean) / (var + 1e-6).sqrt()
+        target = restoration_target(images.float(), self.patch, self.norm_pix)
         mse = masked_patch_mse(pred, target, self.loss_mask(ids_restore))
         return {"tir_loss": self.weight * mse}
 
