@@ -54,7 +54,8 @@ def restoration_target(images: torch.Tensor, patch: int, norm_pix: bool = False)
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int]) -> torch.Tensor:
     """Fixed 2-D sin-cos embedding (MAE convention) of a (rows, cols) grid with a zero CLS row first:
     [1 + rows*cols, dim]. The first half of the dims encodes the column, the second half the row;
-    each half is D/4 sines then D/4 cosines at frequencies 10000^(-k/(D/4))."""
+    each half is D/4 sines then D/4 cosines at frequencies 10000^(-k/(D/4)). Computed in float64
+    and rounded once; SEN evaluates it in float32 numpy, whose entries are off by up to ~3e-6."""
     if dim % 4:
         raise ConfigError(f"the TIR decoder width {dim} must be divisible by 4 (2-D sin-cos embedding)")
     rows, cols = grid
