@@ -69,3 +69,10 @@ def test_missing_config_file_names_it(tmp_path):
 def test_img_size_needs_two_values():
     with pytest.raises(ConfigError, match="img_size needs two values"):
         _resolve("--img_size", "384")
+
+
+@pytest.mark.parametrize("key", ["text_prune_prob", "corruption_key_prob", "mlm_prob", "tir_mask_ratio"])
+def test_probabilities_must_lie_in_0_1(key):
+    with pytest.raises(ConfigError, match=f"{key} is a probability"):
+        _resolve(f"--{key}", "1.5")
+    assert getattr(_resolve(f"--{key}", "0.5"), key) == 0.5

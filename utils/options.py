@@ -121,6 +121,8 @@ CHOICES = {
     "val_dataset": ("test", "val"),
     "amp": ("off", "bf16", "fp16"),
 }
+PROBABILITIES = ("mlm_prob", "masked_token_rate", "masked_token_unchanged_rate", "text_prune_prob",
+                 "corruption_key_prob", "corruption_other_prob", "tir_mask_ratio")
 # Keys written by the program into a run's configs.yaml, accepted when it is read back.
 RUN_KEYS = ("num_classes", "clip", "training")
 
@@ -203,6 +205,9 @@ def resolve(args: argparse.Namespace) -> SimpleNamespace:
         raise ConfigError(f"accum_steps must be at least 1, got {values['accum_steps']}")
     if len(values["img_size"]) != 2:
         raise ConfigError(f"img_size needs two values (height width), got {values['img_size']}")
+    for key in PROBABILITIES:
+        if not 0.0 <= values[key] <= 1.0:
+            raise ConfigError(f"{key} is a probability (0 to 1), got {values[key]}")
     return SimpleNamespace(**values)
 
 
