@@ -45,10 +45,15 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=False)["model"]
 
 
-@pytest.mark.parametrize("workers", ["0", "2"])
-def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch, workers):
+# UIT adds randomness in the sampler (idrannum), the captions (pruning, corruption) and the model (TIR masks).
+UIT = ["--loss_names", "sdm+id+cmt+tir", "--sampler", "idrannum", "--num_instance", "2",
+       "--text_prune_prob", "0.3", "--text_mask_corruption"]
+
+
+@pytest.mark.parametrize("workers, method", [("0", []), ("2", []), ("2", UIT)], ids=["irra-0", "irra-2", "uit-2"])
+def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch, workers, method):
     straight = tmp_path / "straight"
-    train_entry.main(_args(toy_root, straight, "--num_epoch", "3", "--num_workers", workers))
+    train_entry.main(_args(toy_root, straight, "--num_epoch", "3", "--num_workers", workers, *method))
 
     real_save = processor.save_training_state
 
@@ -60,9 +65,9 @@ def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch, workers):
     interrupted = tmp_path / "interrupted"
     monkeypatch.setattr(processor, "save_training_state", save_then_crash)
     with pytest.raises(KeyboardInterrupt):
-        train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers))
+        train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method))
     monkeypatch.undo()
-    train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, "--resume"))
+    train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method, "--resume"))
 
     a, b = _results(straight), _results(interrupted)
     assert a["epoch"] == b["epoch"]
