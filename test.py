@@ -8,16 +8,19 @@ from pathlib import Path
 
 import torch
 
-from datasets import build_dataset
-from datasets.build import build_eval_loaders
+from datasets import DatasetError, build_dataset
+from datasets.build import build_eval_loaders, read_image
+from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
 from model.build import TBPSModel, build_encoder, build_model
 from model.clip_loading import CheckpointError, load_strict
+from model.heads import parse_loss_names
+from model.heads.tir import patchify, to_grayscale, unpatchify
 from utils.errors import ConfigError, run_cli
 from utils.iotools import resolve_device, setup_logger, write_json
 from utils.metrics import Evaluator, extract_features, results_table
 from utils.options import build_parser, resolve, save_config
-from utils.simple_tokenizer import SimpleTokenizer
-from utils.visualize import retrieval_grid
+from utils.simple_tokenizer import SimpleTokenizer, tokenize
+from utils.visualize import restoration_grid, retrieval_grid
 
 
 def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
@@ -39,11 +42,16 @@ def main(argv: list[str] | None = None) -> dict:
                         help="write query/gallery features and pids to OUTPUT/features.pt")
     parser.add_argument("--visualize", type=int, metavar="N",
                         help="write OUTPUT/retrieval.png: N queries with their top-10 gallery images")
+    parser.add_argument("--visualize_tir", type=int, metavar="N",
+                        help="write OUTPUT/restoration.png: N test captions with the tir head's restoration")
     args = parser.parse_args(argv)
     zero_shot = vars(args).pop("zero_shot", False)
     save_features = vars(args).pop("save_features", False)
     visualize = vars(args).pop("visualize", 0)
+    visualize_tir = vars(args).pop("visualize_tir", 0)
     cfg = resolve(args)
+    if visualize_tir and (zero_shot or "tir" not in parse_loss_names(cfg.loss_names)):
+        raise ConfigError("--visualize_tir needs a run trained with the tir head (its loss_names has no 'tir')")
     if zero_shot:
         if not cfg.output_dir:
             raise ConfigError("--zero_shot needs --output_dir")
@@ -74,6 +82,8 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("features written to %s", out_dir / "features.pt")
     if visualize:
         write_visualization(dataset.test, features, visualize, out_dir / "retrieval.png")
+    if visualize_tir:
+        write_restorations(model, cfg, dataset.test, visualize_tir, out_dir / "restoration.png", device)
     return results
 
 
@@ -85,6 +95,42 @@ def write_visualization(split, features: dict[str, torch.Tensor], num_queries: i
                           similarity.cpu(), split.img_paths, features["image_pids"].cpu())
     grid.save(path)
     logging.getLogger("tbps").info("retrieval picture written to %s", path)
+
+
+@torch.no_grad()
+def write_restorations(model: TBPSModel, cfg, split, num_captions: int, path: Path, device: torch.device) -> None:
+    """``num_captions`` test captions spread over the split, each with the first image of its
+    identity: original, the masked grayscale input of the tir head, and its restoration."""
+    head = model.heads["tir"]
+    chosen = torch.linspace(0, len(split.captions) - 1, min(num_captions, len(split.captions))).long().tolist()
+    captions = [split.captions[i] for i in chosen]
+    paths = [split.img_paths[split.image_pids.index(split.caption_pids[i])] for i in chosen]
+    transform = build_transforms(cfg.img_size, is_train=False)
+    images = []
+    for image_path in paths:
+        image = read_image(image_path)
+        if image is None:
+            raise DatasetError(f"cannot read image {image_path}")
+        images.append(transform(image))
+    tokenizer = SimpleTokenizer()
+    batch = {"images": torch.stack(images).to(device),
+             "caption_ids": torch.stack([tokenize(c, tokenizer, cfg.text_length) for c in captions]).to(device)}
+    torch.manual_seed(cfg.seed)  # the same masks every time
+    model.eval()
+    pred, ids_restore = head.restore(batch, model.encode(batch), model.encoder)
+    patches = patchify(batch["images"].float(), head.patch)
+    if head.norm_pix:  # predictions are per-patch standardised: use each patch's own statistics
+        pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt() + patches.mean(dim=-1, keepdim=True)
+    visible = unpatchify((ids_restore < head.keep - 1).unsqueeze(-1).expand_as(patches).float(),
+                         head.grid, head.patch)  # 1 on the pixels of the patches the encoder saw
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    original, restored = (x * std + mean for x in (batch["images"], unpatchify(pred, head.grid, head.patch)))
+    seen = original
+    if head.gray:  # one normalised luma value per pixel: shown as a neutral gray
+        seen = (to_grayscale(batch["images"].float()) * std.mean() + mean.mean())
+    restoration_grid(captions, original, seen * visible, restored).save(path)  # dropped patches black
+    logging.getLogger("tbps").info("restoration picture written to %s", path)
 
 
 if __name__ == "__main__":

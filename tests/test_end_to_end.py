@@ -6,15 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import test as test_entry
 import train as train_entry
 from datasets.toy import generate_toy_dataset
 from utils.options import build_parser, load_yaml, resolve
+from utils.visualize import restoration_size
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--pretrain_choice", "none", "--img_size", "48", "24", "--vision_patch_size", "12",
@@ -87,9 +90,20 @@ def test_uit_training_logs_its_losses_and_restores(toy_root, tmp_path):
         assert len(values) == 3 and all(torch.isfinite(torch.tensor(values))), name
     tir = [e.value for e in events.Scalars("train/tir_loss")]
     assert tir[2] < tir[0]
-    results = test_entry.main(["--config_file", str(tmp_path / "configs.yaml"), "--output_dir", str(tmp_path / "eval")])
+    results = test_entry.main(["--config_file", str(tmp_path / "configs.yaml"), "--output_dir", str(tmp_path / "eval"),
+                               "--visualize_tir", "3"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert results["t2i"]["R1"] == pytest.approx(saved["t2i"]["R1"], abs=1e-4)
+    with Image.open(tmp_path / "eval" / "restoration.png") as picture:
+        assert picture.size == restoration_size(3, (48, 24))
+        pixels = np.asarray(picture.convert("RGB"))
+    row = pixels[6:6 + 48]
+    left = restoration_size(3, (48, 24))[0] - 3 * (24 + 6) - 6
+    original, seen, restored = (row[:, left + k * 30:left + k * 30 + 24] for k in range(3))
+    assert (seen == 0).all(axis=-1).mean() > 0.5          # ~70% of the patches were dropped (black)
+    gray = seen[(seen != 0).any(axis=-1)]
+    assert (gray.max(axis=-1) - gray.min(axis=-1) <= 2).all()  # what the head saw is grayscale
+    assert not (restored == 0).all() and not np.array_equal(restored, original)
 
 
 def test_test_py_reproduces_the_best_epoch(trained_run, tmp_path):

@@ -15,6 +15,7 @@ import utils.metrics
 from datasets.toy import generate_toy_dataset
 from test_end_to_end import REPO, TINY
 from tools.collect_results import main as collect_main
+from utils.errors import run_cli
 from utils.visualize import grid_size
 
 
@@ -75,3 +76,10 @@ def test_training_evaluates_with_the_retrieval_engine(run, tmp_path, monkeypatch
                       "--output_dir", str(tmp_path / "r"), "--loss_names", "sdm", "--num_epoch", "2",
                       "--eval_period", "1"])
     assert calls == [(32, 16), (16, 32)] * 2  # t2i then i2t, each epoch
+
+
+def test_visualize_tir_needs_the_tir_head(run, tmp_path, capsys):
+    args = ["--config_file", str(run / "configs.yaml"), "--output_dir", str(tmp_path), "--visualize_tir", "2"]
+    assert run_cli(test_entry.main, args) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == \
+        "error: --visualize_tir needs a run trained with the tir head (its loss_names has no 'tir')"

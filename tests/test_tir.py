@@ -10,7 +10,7 @@ from model.build import build_model
 from model.clip import CLIPConfig, CLIPEncoder
 from model.heads.base import EncoderOutput
 from model.heads.tir import (TIRHead, patchify, random_patch_order, restoration_target, sincos_pos_embed_2d,
-                             to_grayscale, tokens_kept)
+                             to_grayscale, tokens_kept, unpatchify)
 from model.objectives import masked_patch_mse
 from utils.errors import ConfigError
 
@@ -355,3 +355,8 @@ def test_encoder_output_for_head_is_reused(single_thread):
     assert isinstance(out, EncoderOutput) and len(calls) == 1
     model.heads["tir"](batch, out, model.encoder)
     assert len(calls) == 1
+
+
+def test_unpatchify_inverts_patchify():
+    images = torch.randn(2, 3, 384, 128, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(unpatchify(patchify(images, 16), (24, 8), 16), images)

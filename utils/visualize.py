@@ -39,3 +39,26 @@ def retrieval_grid(captions: list[str], query_pids: torch.Tensor, similarity: to
             with Image.open(gallery_paths[index]) as image:
                 canvas.paste(image.convert("RGB").resize(THUMB), (x + FRAME, y + FRAME))
     return canvas
+
+
+def restoration_size(num_rows: int, image_size: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the restoration picture: caption + three images per row."""
+    height, width = image_size
+    return CAPTION_WIDTH + 3 * (width + PAD) + PAD, num_rows * (height + PAD) + PAD
+
+
+def restoration_grid(captions: list[str], originals: torch.Tensor, inputs: torch.Tensor,
+                     restored: torch.Tensor) -> Image.Image:
+    """One row per caption: the caption, the original image, what the restoring head saw (masked,
+    grayscale) and its restoration. Images are [N, 3, H, W] in [0, 1]."""
+    height, width = originals.shape[-2:]
+    canvas = Image.new("RGB", restoration_size(len(captions), (height, width)), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    for row, caption in enumerate(captions):
+        y = PAD + row * (height + PAD)
+        draw.multiline_text((PAD, y), "\n".join(textwrap.wrap(caption, 48)[:9]), fill="black", font=font)
+        for col, images in enumerate((originals, inputs, restored)):
+            pixels = (images[row].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+            canvas.paste(Image.fromarray(pixels), (CAPTION_WIDTH + col * (width + PAD), y))
+    return canvas

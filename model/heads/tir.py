@@ -41,6 +41,15 @@ def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
     return x.permute(0, 2, 4, 3, 5, 1).reshape(batch, gh * gw, patch * patch * channels)
 
 
+def unpatchify(patches: torch.Tensor, grid: tuple[int, int], patch: int) -> torch.Tensor:
+    """Inverse of ``patchify`` for a (rows, cols) grid: [B, rows*cols, p*p*C] -> [B, C, H, W]."""
+    batch, _, values = patches.shape
+    rows, cols = grid
+    channels = values // (patch * patch)
+    x = patches.reshape(batch, rows, cols, patch, patch, channels)
+    return x.permute(0, 5, 1, 3, 2, 4).reshape(batch, channels, rows * patch, cols * patch)
+
+
 def restoration_target(images: torch.Tensor, patch: int, norm_pix: bool = False) -> torch.Tensor:
     """The colour patches to restore, [B, N, p*p*3]; with ``norm_pix`` each patch is standardised
     by its own mean and (unbiased) variance, as MAE's norm_pix_loss (SEN: off)."""
@@ -99,7 +108,8 @@ class TIRHead(Head):
         if not 1 <= self.keep <= num_patches:
             raise ConfigError(f"tir_mask_ratio {mask_ratio} keeps {self.keep - 1} of {num_patches} patches; "
                               "it must leave at least one patch masked (0 <= ratio < 1)")
-        self.num_patches, self.patch, self.gray, self.norm_pix = num_patches, patch, gray, norm_pix
+        self.grid, self.num_patches, self.patch = grid, num_patches, patch
+        self.gray, self.norm_pix = gray, norm_pix
         self.mask_exact, self.residual, self.text_pad_mask = mask_exact, residual, text_pad_mask
         heads = embed_dim // 64 or 1
         self.norm_1 = LayerNorm(embed_dim)  # encoder image tokens
@@ -161,7 +171,8 @@ class TIRHead(Head):
         x = self.norm_7(self.decoder(x))
         return self.decoder_pred(x)[:, 1:]
 
-    def forward(self, batch, out, encoder):
+    def restore(self, batch, out, encoder) -> tuple[torch.Tensor, torch.Tensor]:
+        """Predicted patches [B, N, p*p*3] (fp32) and ``ids_restore`` of the mask drawn for them."""
         images = batch["images"]
         ids_shuffle, ids_restore = self.patch_order(batch)
         inputs = to_grayscale(images) if self.gray else images
@@ -173,8 +184,10 @@ class TIRHead(Head):
             text_keep = positions <= ids.argmax(dim=-1, keepdim=True)  # up to EOT
         # The first pass's text tokens: the text encoder has no dropout, so re-encoding the same
         # caption (as SEN does) gives the same values and gradients at twice the text compute.
-        pred = self.decode(tokens, out.text_tokens, ids_restore, text_keep).float()
-        target = restoration_target(images.float(), self.patch, self.norm_pix)
+        return self.decode(tokens, out.text_tokens, ids_restore, text_keep).float(), ids_restore
+
+    def forward(self, batch, out, encoder):
+        pred, ids_restore = self.restore(batch, out, encoder)
+        target = restoration_target(batch["images"].float(), self.patch, self.norm_pix)
         mse = masked_patch_mse(pred, target, self.loss_mask(ids_restore))
         return {"tir_loss": self.weight * mse}
-
