@@ -51,7 +51,7 @@ class ImageTextDataset(Dataset):
         self.text_length = text_length
         self.masking = masking
         self.aliasing = global_sees_masked_caption
-        self.augment = augment
+        self.augment = augment or CaptionAugmentation()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -62,10 +62,7 @@ class ImageTextDataset(Dataset):
         image = read_image(img_path) if self.cache is None else self.cache[image_id]
         if image is None:
             return None
-        if self.augment is None:
-            ids = tokenize(caption, self.tokenizer, self.text_length)
-        else:
-            ids = self.augment(caption, self.tokenizer, self.text_length)
+        ids = self.augment(caption, self.tokenizer, self.text_length)
         sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids}
         if self.masking is not None:
             masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
@@ -173,7 +170,7 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
         MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) if cfg.text_mask_corruption
         else None, cfg.corruption_key_prob, cfg.corruption_other_prob)
     train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, masking,
-                                 cfg.global_sees_masked_caption, cache, augment if augment.active else None)
+                                 cfg.global_sees_masked_caption, cache, augment)
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler in ("identity", "idrannum"):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.simple_tokenizer import SimpleTokenizer, tokenize
+from utils.simple_tokenizer import SimpleTokenizer, pad_ids, tokenize
 
 from .text_prune import is_key_word, prune_caption
 
@@ -49,22 +49,27 @@ def mask_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, cfg: MaskingConfi
     return masked, labels
 
 
-def key_word_positions(caption: str, tokenizer: SimpleTokenizer, text_length: int) -> list[bool]:
-    """For each position of ``tokenize(caption)``: whether it is a BPE piece of a key word (a
-    word the offline key-word filter keeps: SEN's noun/adjective pieces)."""
+def encode_with_key_words(caption: str, tokenizer: SimpleTokenizer,
+                          text_length: int) -> tuple[torch.Tensor, list[bool]]:
+    """``tokenize(caption)`` and, for each of its positions, whether it is a BPE piece of a key
+    word (a word the offline key-word filter keeps: SEN's noun/adjective pieces)."""
+    words = tokenizer.encode_words(caption)
+    ids = pad_ids([i for _, pieces in words for i in pieces], tokenizer, text_length)
     flags = [False]  # SOT
-    for word, ids in tokenizer.encode_words(caption):
-        flags.extend([is_key_word(word)] * len(ids))
+    for word, pieces in words:
+        flags.extend([is_key_word(word)] * len(pieces))
     flags = flags[:text_length] + [False] * max(0, text_length - len(flags))
-    return flags
+    return ids, flags
 
 
 @dataclass
 class CaptionAugmentation:
-    """UIT's training-caption augmentations, in SEN's order: with ``prune_prob`` the caption is
-    pruned to its key words before tokenisation; then, if ``corruption`` is set, its pieces are
-    MLM-corrupted in place (key-word pieces selected with ``key_prob``, others ``other_prob``).
-    The result is the caption every head sees in that step."""
+    """Turns a training caption into ``caption_ids``; the default is plain tokenisation.
+
+    UIT's augmentations, in SEN's order: with ``prune_prob`` the caption is pruned to its key words
+    before tokenisation; then, if ``corruption`` is set, its pieces are MLM-corrupted in place
+    (key-word pieces selected with ``key_prob``, others ``other_prob``). The result is the caption
+    every head sees in that step."""
     prune_prob: float = 0.0
     prune_mode: str = "pos_approx"
     corruption: MaskingConfig | None = None
@@ -76,13 +81,8 @@ class CaptionAugmentation:
         rng = rng or random
         if self.prune_prob > 0 and rng.random() < self.prune_prob:
             caption = prune_caption(caption, self.prune_mode)
-        ids = tokenize(caption, tokenizer, text_length)
         if self.corruption is None:
-            return ids
-        probs = [self.key_prob if key else self.other_prob
-                 for key in key_word_positions(caption, tokenizer, text_length)]
+            return tokenize(caption, tokenizer, text_length)
+        ids, key = encode_with_key_words(caption, tokenizer, text_length)
+        probs = [self.key_prob if k else self.other_prob for k in key]
         return mask_tokens(ids, tokenizer, self.corruption, rng, probs)[0]
-
-    @property
-    def active(self) -> bool:
-        return self.prune_prob > 0 or self.corruption is not None

@@ -1,8 +1,3 @@
 #!/usr/bin/env bash
-# UIT / SEN (sdm+id+cmt+tir) on the three benchmarks (one GPU each, as in the paper). Data under ./data (see README).
-set -euo pipefail
-cd "$(dirname "$0")/.."
-PY=${PY:-.venv/bin/python}
-for dataset in cuhk_pedes icfg_pedes rstpreid; do
-  "$PY" train.py --config_file "configs/uit/${dataset}.yaml" "$@"
-done
+# UIT / SEN (sdm+id+cmt+tir) on the three benchmarks; extra flags go to every run.
+exec "$(dirname "$0")/three_benchmarks.sh" uit "$@"

@@ -2,7 +2,9 @@
 parameter groups and schedule (uit.md V9, V10), the shipped configs."""
 from __future__ import annotations
 
+import os
 import random
+import subprocess
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +14,7 @@ import torch
 
 from datasets import build_dataset
 from datasets.build import build_train_loader
-from datasets.captions import CaptionAugmentation, MaskingConfig, key_word_positions
+from datasets.captions import CaptionAugmentation, MaskingConfig, encode_with_key_words
 from datasets.sampler import RandomIdNumSampler
 from datasets.text_prune import prune_caption
 from model.build import build_model
@@ -46,10 +48,14 @@ def test_uit_configs_hold_the_released_recipe(name, dataset):
     assert (cfg.optimizer, cfg.optimizer_eps, cfg.lr, cfg.weight_decay) == ("Adam", 1e-3, 1e-5, 4e-5)
 
 
-def test_run_script_launches_the_three_configs():
-    script = (REPO / "run_scripts/uit.sh").read_text()
-    assert "configs/uit/${dataset}.yaml" in script
-    assert all(name in script for name in ("cuhk_pedes", "icfg_pedes", "rstpreid"))
+@pytest.mark.parametrize("method", ["irra", "uit"])
+def test_run_script_launches_the_three_configs(method):
+    """The script runs train.py once per benchmark config (PY=echo prints the commands)."""
+    out = subprocess.run(["bash", str(REPO / f"run_scripts/{method}.sh"), "--seed", "3"],
+                         env={**os.environ, "PY": "echo"}, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [f"train.py --config_file configs/{method}/{name}.yaml --seed 3"
+                   for name in ("cuhk_pedes", "icfg_pedes", "rstpreid")]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -175,8 +181,9 @@ def test_prune_probability(tokenizer):
 def test_corruption_rates(tokenizer):
     """Key-word pieces selected with 0.3, others 0.05; selected: 80% mask, 10% random, 10% kept."""
     augment = CaptionAugmentation(corruption=MaskingConfig(1.0, 0.8, 0.1))
-    clean = tokenize(CAPTION, tokenizer)
-    key = torch.tensor(key_word_positions(CAPTION, tokenizer, 77))
+    clean, key = encode_with_key_words(CAPTION, tokenizer, 77)
+    assert torch.equal(clean, tokenize(CAPTION, tokenizer))
+    key = torch.tensor(key)
     content = (clean > 0) & (clean < tokenizer.mask_id)
     other = content & ~key
     assert key.sum() == 8 and other.sum() == 7  # woman long black hair white shirt blue jeans; the rest

@@ -121,7 +121,12 @@ class SimpleTokenizer:
 
 def tokenize(caption: str, tokenizer: SimpleTokenizer, text_length: int = 77) -> torch.LongTensor:
     """SOT + BPE ids + EOT, truncated to ``text_length`` keeping EOT last, zero-padded (IRRA)."""
-    ids = [tokenizer.sot_id] + tokenizer.encode(caption) + [tokenizer.eot_id]
+    return pad_ids(tokenizer.encode(caption), tokenizer, text_length)
+
+
+def pad_ids(bpe_ids: list[int], tokenizer: SimpleTokenizer, text_length: int = 77) -> torch.LongTensor:
+    """``tokenize`` of already encoded BPE ids."""
+    ids = [tokenizer.sot_id] + bpe_ids + [tokenizer.eot_id]
     if len(ids) > text_length:
         ids = ids[:text_length]
         ids[-1] = tokenizer.eot_id
