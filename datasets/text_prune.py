@@ -1,9 +1,12 @@
-"""UIT/SEN caption pruning to key words, offline (uit.md section 4.3; decision 8).
+"""UIT/SEN caption pruning to key words, offline.
 
-SEN keeps the NLTK tokens tagged PRP*, NN* or JJ*. ``pos_approx`` reproduces that with a
-Treebank-like regex tokeniser and closed-class drop lists (rules 1-10, applied in order, on
-lower-cased tokens); ``attribute_only`` is the narrower whitelist ablation. Pure Python: no NLTK,
-no downloads.
+SEN (Delong-liu-bupt/SEN @ 3d887c1, datasets/bases.py ImageTextMAEDataset.filter_sentence) keeps
+the NLTK tokens tagged PRP*, NN* or JJ*. ``pos_approx`` approximates that with a Treebank-like
+regex tokeniser and closed-class drop lists, applied in order on lower-cased tokens: 1 tokenise,
+2 drop numbers, 3 keep pronouns, 4 keep hyphenated tokens, 5 drop closed-class words, 6 drop verb
+forms, 7 drop -ing words, 8 drop -ly words, 9 keep the rest, 10 return the caption itself when
+nothing survives. ``attribute_only`` is a narrower whitelist ablation. Pure Python: no NLTK, no
+downloads.
 """
 from __future__ import annotations
 
@@ -114,7 +117,7 @@ _LY_KEEP = _words("""
     daily chilly sparkly bubbly
 """)
 
-# attribute_only lexicon (the section 4.3 ablation; plus the rule-3 pronouns). Generic nouns and
+# attribute_only lexicon (the whitelist ablation; plus the rule-3 pronouns). Generic nouns and
 # adjectives (side, bottom, back, left, right, young, old, thin, tall) are deliberately absent.
 _COLOURS = _words("""
     black white grey gray red blue green yellow orange pink purple brown tan beige khaki navy

@@ -1,4 +1,5 @@
-"""OpenAI CLIP checkpoint loading at tiny size (spec 1.1-1.5, checks V1 and V2)."""
+"""OpenAI CLIP checkpoint loading at tiny size, as IRRA does it (anosorae/IRRA @ cfc2378
+model/clip_model.py: state-dict shapes, meta keys, resize_pos_embed)."""
 from __future__ import annotations
 
 import hashlib
@@ -198,7 +199,7 @@ def test_fp16_checkpoint_is_loaded_as_fp32(openai_checkpoint, tmp_path):
         assert v.dtype == torch.float32
         if k != POS:
             assert torch.equal(v, half[k].float()), k
-    # the resize is computed in fp32 (spec 1.5 rec) from the fp16 values
+    # the resize is computed in fp32 (IRRA interpolates in the checkpoint's dtype) from the fp16 values
     expected = _bilinear_reference(half[POS][1:].double().reshape(14, 14, -1).numpy(), 24, 8)
     np.testing.assert_allclose(loaded[POS][1:].double().reshape(24, 8, -1).numpy(), expected, atol=2e-3)
 
@@ -279,7 +280,7 @@ def test_text_length_must_be_77(openai_checkpoint, text_length):
 
 
 # ----------------------------------------------------------------------------------------------
-# V2: resize values
+# Resize values: bilinear, align_corners=False, as IRRA's resize_pos_embed
 # ----------------------------------------------------------------------------------------------
 def _grid_pos_embed(values: torch.Tensor, width: int = 4) -> torch.Tensor:
     """[197, width]: CLS row of 100s, then the 14x14 ``values`` (row-major) in every channel."""

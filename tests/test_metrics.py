@@ -1,4 +1,6 @@
-"""Retrieval metrics (spec section 7, check V10, decisions 2 and 3)."""
+"""Retrieval metrics: the definitions of IRRA (anosorae/IRRA @ cfc2378) utils/metrics.py rank(), computed
+in query chunks. Our own rules: equal scores are ordered by gallery index, lower first (a stable
+descending sort), and a query with no positive in the gallery is excluded and counted."""
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def brute_force(sim, q_pids, g_pids, max_rank=10):
 
 
 def irra_rank(similarity, q_pids, g_pids, max_rank=10):
-    """IRRA's utils/metrics.py rank() (dense argsort, cumsum, AP, INP), as in spec section 7."""
+    """IRRA's utils/metrics.py rank() (dense argsort, cumsum, AP, INP), rewritten here as a reference."""
     indices = torch.argsort(similarity, dim=1, descending=True)
     pred_labels = g_pids[indices]
     matches = pred_labels.eq(q_pids.view(-1, 1))
@@ -75,8 +77,8 @@ def random_problem(seed, num_q, num_g, num_ids, decimals=None):
     return sim, q_pids, g_pids
 
 
-# ---------------------------------------------------------------- V10 exact values
-def test_v10_t2i_exact_values():
+# ---------------------------------------------------------------- exact values, 3 queries x 5 gallery items
+def test_toy_t2i_exact_values():
     r = rank(SIM, Q_PIDS, G_PIDS, max_rank=5)
     assert r["R1"] == pytest.approx(100 / 3, abs=1e-3)
     for k in (2, 3, 4, 5):
@@ -86,7 +88,7 @@ def test_v10_t2i_exact_values():
     assert r["excluded"] == 0
 
 
-def test_v10_i2t_transposed_exact_values():
+def test_toy_i2t_transposed_exact_values():
     r = rank(SIM.t(), G_PIDS, Q_PIDS, max_rank=3)
     assert r["R1"] == pytest.approx(40.0, abs=1e-3)
     assert r["R2"] == pytest.approx(80.0, abs=1e-3)
@@ -95,7 +97,7 @@ def test_v10_i2t_transposed_exact_values():
     assert r["mINP"] == pytest.approx(66.667, abs=1e-3)
 
 
-def test_v10_default_max_rank_small_gallery_repeats_last_cmc():
+def test_toy_default_max_rank_small_gallery_repeats_last_cmc():
     """G = 5 < 10: R6..R10 repeat R5 (t2i), and G = 3: R4..R10 repeat R3 (i2t)."""
     r = rank(SIM, Q_PIDS, G_PIDS)
     assert r["R1"] == pytest.approx(100 / 3, abs=1e-3)
@@ -113,7 +115,7 @@ def test_v10_default_max_rank_small_gallery_repeats_last_cmc():
     assert r["mAP"] == pytest.approx(75.0)
 
 
-def test_v10_matches_brute_force_and_irra():
+def test_toy_matches_brute_force_and_irra():
     ref = brute_force(SIM, Q_PIDS, G_PIDS, max_rank=5)
     assert_same(rank(SIM, Q_PIDS, G_PIDS, max_rank=5), ref, 1e-6, max_rank=5)
     cmc, mAP, mINP = irra_rank(SIM, Q_PIDS, G_PIDS, max_rank=5)

@@ -1,4 +1,6 @@
-"""Optimizer parameter groups and the lr schedule (spec section 6, check V9, decision 1)."""
+"""Optimizer parameter groups and the lr schedule. Our groups follow module roles; the tests check that
+every parameter still gets the lr and weight decay of IRRA (anosorae/IRRA @ cfc2378) solver/build.py,
+and the warm-up cosine factors of its solver/lr_scheduler.py."""
 import math
 
 import pytest
@@ -73,7 +75,7 @@ def test_group_lr_and_weight_decay_by_role(model_and_optimizer, name, lr, wd):
 
 
 def irra_name(name):
-    """Our parameter name -> IRRA's (spec V11 key map)."""
+    """Our parameter name -> IRRA's (CLIP under ``base_model.``, the head modules at the top level)."""
     if name.startswith("encoder."):
         return "base_model." + name[len("encoder."):]
     if name.startswith("heads.id."):
@@ -84,7 +86,7 @@ def irra_name(name):
 
 
 def irra_lr_wd(cfg, key):
-    """IRRA's solver/build.py substring rules, in order (spec section 6)."""
+    """IRRA's solver/build.py substring rules, in order (later rules override earlier ones)."""
     lr, wd = cfg.lr, cfg.weight_decay
     if "cross" in key:
         lr = cfg.lr * cfg.lr_factor

@@ -1,4 +1,5 @@
-"""Offline key-word pruning of captions (uit.md section 4.3 rules 1-10, check V9; decision 8)."""
+"""Offline key-word pruning of captions (rules 1-10 of datasets/text_prune.py), an NLTK-free stand-in
+for SEN's POS filter (Delong-liu-bupt/SEN @ 3d887c1, datasets/bases.py filter_sentence)."""
 from __future__ import annotations
 
 import importlib
@@ -9,8 +10,8 @@ import pytest
 from datasets import text_prune
 from datasets.text_prune import PRUNE_MODES, is_key_word, prune_caption, split_words
 
-# The expected-output table of section 4.3, copied from the spec.
-SPEC_TABLE = [
+# Expected outputs that pin down rules 1-10.
+EXPECTED_TABLE = [
     ("A woman with long black hair is wearing a white shirt and blue jeans.",
      "woman long black hair white shirt blue jeans"),
     ("The man is carrying a black backpack on his back and wears grey shoes.",
@@ -30,8 +31,8 @@ def test_modes():
     assert PRUNE_MODES == ("pos_approx", "attribute_only")
 
 
-@pytest.mark.parametrize("caption,expected", SPEC_TABLE)
-def test_spec_table(caption, expected):
+@pytest.mark.parametrize("caption,expected", EXPECTED_TABLE)
+def test_expected_table(caption, expected):
     assert prune_caption(caption) == expected
     assert prune_caption(caption, "pos_approx") == expected
 
@@ -158,7 +159,7 @@ def test_open_class_kept(word):
     assert is_key_word(word)
 
 
-# ---- case (decision 8) ----------------------------------------------------------------------
+# ---- case: every rule matches lower-cased tokens; the output keeps the original case -------
 def test_case_insensitive_matching_and_case_preserved():
     assert prune_caption("THE Man") == "Man"
     assert prune_caption("THE Man WEARS a RED Shirt, WALKING Slowly.") == "Man RED Shirt"
@@ -175,7 +176,7 @@ def test_nothing_survives_returns_original(caption):
 
 
 def test_never_empty():
-    captions = [c for c, _ in SPEC_TABLE] + ["and the of is.", "It is.", "a", "!", " x "]
+    captions = [c for c, _ in EXPECTED_TABLE] + ["and the of is.", "It is.", "a", "!", " x "]
     for caption in captions:
         for mode in PRUNE_MODES:
             assert prune_caption(caption, mode) != ""
@@ -198,7 +199,7 @@ def test_is_key_word_on_clip_pieces(word, expected):
 
 
 def test_is_key_word_agrees_with_prune_caption():
-    for caption, expected in SPEC_TABLE:
+    for caption, expected in EXPECTED_TABLE:
         for mode in PRUNE_MODES:
             kept = [w for w in split_words(caption) if is_key_word(w, mode)]
             assert " ".join(kept) == prune_caption(caption, mode)
@@ -229,8 +230,8 @@ def test_attribute_only_drops_the_rest(word):
     assert not is_key_word(word, "attribute_only")
 
 
-def test_attribute_only_spec_table_row():
-    assert prune_caption(SPEC_TABLE[0][0], "attribute_only") == \
+def test_attribute_only_first_table_row():
+    assert prune_caption(EXPECTED_TABLE[0][0], "attribute_only") == \
         "woman long black hair white shirt blue jeans"
 
 
@@ -243,9 +244,9 @@ def test_unknown_mode():
 
 
 def test_runs_without_nltk(monkeypatch):
-    prune_caption(SPEC_TABLE[0][0])
+    prune_caption(EXPECTED_TABLE[0][0])
     assert "nltk" not in sys.modules
-    # With NLTK made unimportable, the module still imports and gives the spec's outputs.
+    # With NLTK made unimportable, the module still imports and gives the expected outputs.
     monkeypatch.setitem(sys.modules, "nltk", None)
     module = importlib.reload(text_prune)
-    assert module.prune_caption(SPEC_TABLE[0][0]) == SPEC_TABLE[0][1]
+    assert module.prune_caption(EXPECTED_TABLE[0][0]) == EXPECTED_TABLE[0][1]

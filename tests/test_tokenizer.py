@@ -1,4 +1,5 @@
-"""Tokenizer (spec section 2 and check V3)."""
+"""Tokenizer: OpenAI CLIP's byte-level BPE with IRRA's special tokens (anosorae/IRRA @ cfc2378
+utils/simple_tokenizer.py and the tokenize() of datasets/bases.py)."""
 from __future__ import annotations
 
 import gzip
