@@ -1,5 +1,7 @@
 """Evaluate a trained run (``--config_file RUN_DIR/configs.yaml``, loads ``best.pth``) or, with
-``--zero_shot``, the pretrained CLIP as is (``--pretrain_choice CKPT --output_dir OUT``)."""
+``--zero_shot``, the pretrained CLIP as is (``--pretrain_choice CKPT --output_dir OUT``).
+
+Works under ``torchrun`` too: every process encodes and ranks its share, rank 0 writes the files."""
 from __future__ import annotations
 
 import logging
@@ -15,9 +17,11 @@ from model.build import TBPSModel, build_encoder, build_model
 from model.clip_loading import CheckpointError, load_strict
 from model.heads import parse_loss_names
 from model.heads.tir import patchify, to_grayscale, unpatchify
+from processor.evaluation import Evaluation, Evaluator
+from utils.comm import get_rank, get_world_size, init_distributed
 from utils.errors import ConfigError, run_cli
-from utils.iotools import resolve_device, setup_logger, write_json
-from utils.metrics import Evaluator, extract_features, results_table
+from utils.iotools import setup_logger, write_json
+from utils.metrics import results_table
 from utils.options import build_parser, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 from utils.visualize import restoration_grid, retrieval_grid
@@ -61,38 +65,45 @@ def main(argv: list[str] | None = None) -> dict:
             raise ConfigError("give --config_file RUN_DIR/configs.yaml (or --zero_shot)")
         run_dir = Path(args.config_file).parent
         out_dir = Path(getattr(args, "output_dir", "") or run_dir)
-    logger = setup_logger(out_dir, "test_log.txt")
-    device = resolve_device(cfg.device)
+    device = init_distributed(cfg.device)
+    main_process = get_rank() == 0
+    logger = setup_logger(out_dir if main_process else None, "test_log.txt", quiet=not main_process)
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
-    img_loader, txt_loader = build_eval_loaders(cfg, dataset, SimpleTokenizer(), "test")
+    img_loader, txt_loader = build_eval_loaders(cfg, dataset, SimpleTokenizer(), "test", get_rank(), get_world_size())
     if zero_shot:
         model = TBPSModel(build_encoder(cfg), {})
-        save_config(cfg, out_dir / "configs.yaml")
     else:
         model = build_model(cfg, cfg.num_classes, load_weights=False)
         load_run_checkpoint(model, run_dir / "best.pth")
-        if out_dir.resolve() != run_dir.resolve():  # the results elsewhere still describe themselves
-            save_config(cfg, out_dir / "configs.yaml")
-    features = extract_features(model.to(device), img_loader, txt_loader, device, cfg.skip_bad_images)
-    results = Evaluator(img_loader, txt_loader).eval(model, device, features)
+    if main_process and (zero_shot or out_dir.resolve() != run_dir.resolve()):
+        save_config(cfg, out_dir / "configs.yaml")  # the results elsewhere still describe themselves
+    evaluation = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size
+                           ).eval(model.to(device), device)
+    results = evaluation.results
+    if not main_process:
+        return results
     logger.info("test results:\n%s", results_table(results))
     write_json(results, out_dir / "results.json")
     if save_features:
-        torch.save({k: v.cpu() for k, v in features.items()}, out_dir / "features.pt")
+        torch.save(evaluation.features(), out_dir / "features.pt")
         logger.info("features written to %s", out_dir / "features.pt")
     if visualize:
-        write_visualization(dataset.test, features, visualize, out_dir / "retrieval.png")
+        write_visualization(dataset.test, evaluation, visualize, out_dir / "retrieval.png")
     if visualize_tir:
         write_restorations(model, cfg, dataset.test, visualize_tir, out_dir / "restoration.png", device)
     return results
 
 
-def write_visualization(split, features: dict[str, torch.Tensor], num_queries: int, path: Path) -> None:
-    """``num_queries`` queries spread evenly over the test captions, with their top-10 images."""
-    queries = torch.linspace(0, len(split.captions) - 1, min(num_queries, len(split.captions))).long()
-    similarity = features["text_feats"][queries] @ features["image_feats"].t()
-    grid = retrieval_grid([split.captions[i] for i in queries], features["text_pids"][queries].cpu(),
-                          similarity.cpu(), split.img_paths, features["image_pids"].cpu())
+def write_visualization(split, evaluation: Evaluation, num_queries: int, path: Path, top: int = 10) -> None:
+    """``num_queries`` queries spread evenly over the test captions, with their first ``top``
+    images in the final ranking (after re-ranking, when the model re-ranks)."""
+    queries = torch.linspace(0, len(split.captions) - 1, min(num_queries, len(split.captions))).long().tolist()
+    rankings = [evaluation.ranking(q, top) for q in queries]
+    gallery = evaluation.image.index.tolist()  # gallery position -> dataset image
+    grid = retrieval_grid([split.captions[evaluation.text.index[q]] for q in queries],
+                          [int(evaluation.text.pids[q]) for q in queries],
+                          [[split.img_paths[gallery[g]] for g in ranking] for ranking in rankings],
+                          [[int(evaluation.image.pids[g]) for g in ranking] for ranking in rankings], top)
     grid.save(path)
     logging.getLogger("tbps").info("retrieval picture written to %s", path)
 

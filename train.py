@@ -15,14 +15,15 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
 from model.build import build_model
+from processor.evaluation import Evaluator
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
 from utils.errors import ConfigError, run_cli
 from utils.comm import get_rank, get_world_size, init_distributed
 from utils.iotools import configure_determinism, set_seed, setup_logger
-from utils.metrics import Evaluator, results_table
-from utils.options import build_parser, resolve, save_config
+from utils.metrics import results_table
+from utils.options import build_parser, check_select_metric, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer
 
 
@@ -54,9 +55,10 @@ def main(argv: list[str] | None = None) -> dict:
     if rank:
         set_seed(cfg.seed + rank)  # then a random stream of its own per rank
     generator = torch.Generator().manual_seed(cfg.seed + rank)
-    train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_batch_keys(), generator,
+    check_select_metric(cfg.select_metric, model.retrieval.blocks())
+    train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_fields(), generator,
                                       rank, world_size)
-    img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset)
+    img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset, rank, world_size)
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
     if rank == 0:
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         done, best, scaler_state = load_training_state(checkpoint, model, optimizer, scheduler, generator)
         start_epoch = done + 1
         logger.info("resumed from %s after epoch %d", checkpoint, done)
-    evaluator = Evaluator(img_loader, txt_loader, skip_bad_images=cfg.skip_bad_images)
+    evaluator = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
     best = do_train(cfg, trained, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,

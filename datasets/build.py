@@ -2,19 +2,21 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageFile
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from utils.comm import barrier, get_rank
 from utils.errors import ConfigError
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
-from .bases import BaseDataset
+from .bases import BaseDataset, DatasetError
 from .cache import DecodedImageCache
-from .captions import CaptionAugmentation, MaskingConfig, mask_tokens
+from .captions import CaptionAugmentation
+from .fields import FieldBuilder, SampleSource, build_fields
 from .sampler import RandomIdentitySampler, RandomIdNumSampler
 from .transforms import build_tensor_transforms, build_transforms
 
@@ -33,47 +35,75 @@ def read_image(path: str) -> Image.Image | None:
 
 
 class ImageTextDataset(Dataset):
-    """Training samples, one per caption: pids, image_ids, images, caption_ids (+ mlm_ids, mlm_labels).
+    """Training samples, one per caption: pids, image_ids, images, caption_ids, plus the batch
+    fields of ``fields`` (``datasets/fields.py``) and ``replaced`` (1 if the sample stands in for
+    one whose image could not be read).
 
-    ``augment`` (UIT's pruning / corruption) turns the caption into ``caption_ids``; MLM masking
-    starts from those. With ``global_sees_masked_caption`` (IRRA's aliasing, spec 5.7)
-    ``caption_ids`` is the masked caption too, so the global losses train on it as in the released
-    IRRA numbers.
+    ``augment`` (UIT's pruning / corruption) turns the caption into ``caption_ids``; field builders
+    start from those. A sample whose image cannot be read is replaced by the next readable sample
+    of the same identity (of any identity if none is readable), so that every process always loads
+    full batches: under DDP an unequal batch would break the contrastive heads' all-gather.
     """
 
     def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
-                 masking: MaskingConfig | None = None, global_sees_masked_caption: bool = False,
-                 cache: DecodedImageCache | None = None, augment: CaptionAugmentation | None = None):
+                 fields: list[FieldBuilder] | None = None, cache: DecodedImageCache | None = None,
+                 augment: CaptionAugmentation | None = None):
         self.records = records
         self.cache = cache  # indexed by image_id; ``transform`` then takes uint8 tensors
         self.transform = transform
         self.tokenizer = tokenizer
         self.text_length = text_length
-        self.masking = masking
-        self.aliasing = global_sees_masked_caption
+        self.fields = fields or []
         self.augment = augment or CaptionAugmentation()
+        self.by_pid: dict[int, list[int]] = defaultdict(list)
+        for index, record in enumerate(records):
+            self.by_pid[record[0]].append(index)
+        self.unreadable: set[int] = set()  # image ids found unreadable (in this process)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int) -> dict | None:
-        """A sample, or None for an unreadable image (the collate skips and counts it)."""
-        pid, image_id, img_path, caption = self.records[index]
-        image = read_image(img_path) if self.cache is None else self.cache[image_id]
-        if image is None:
+    def _image(self, image_id: int, path: str):
+        if image_id in self.unreadable:
             return None
+        image = read_image(path) if self.cache is None else self.cache[image_id]
+        if image is None:
+            self.unreadable.add(image_id)
+        return image
+
+    def _stand_ins(self, index: int):
+        """Candidates after ``index``: the same identity's samples in cyclic order, then all samples."""
+        same = self.by_pid[self.records[index][0]]
+        start = same.index(index)
+        yield from same[start + 1:] + same[:start]
+        yield from range(index + 1, len(self.records))
+        yield from range(index)
+
+    def __getitem__(self, index: int) -> dict:
+        pid, image_id, img_path, caption = self.records[index]
+        image = self._image(image_id, img_path)
+        used = index
+        if image is None:
+            for used in self._stand_ins(index):
+                image = self._image(self.records[used][1], self.records[used][2])
+                if image is not None:
+                    break
+            else:
+                raise DatasetError("no training image can be read")
+            logger.warning("training sample %d (image %s) replaced by sample %d (identity %d -> %d)",
+                           index, img_path, used, pid, self.records[used][0])
+            pid, image_id, img_path, caption = self.records[used]
         ids = self.augment(caption, self.tokenizer, self.text_length)
-        sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids}
-        if self.masking is not None:
-            masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
-            sample.update(mlm_ids=masked, mlm_labels=labels)
-            if self.aliasing:
-                sample["caption_ids"] = masked
+        sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids,
+                  "replaced": int(used != index)}
+        source = SampleSource(used, pid, image_id, caption, image, self.transform)
+        for build in self.fields:
+            build(sample, source)
         return sample
 
 
 class ImageDataset(Dataset):
-    """Gallery images: (pid, image tensor or None if unreadable, path)."""
+    """Gallery images: (index, pid, image tensor or None if unreadable, path)."""
 
     def __init__(self, pids: list[int], paths: list[str], transform, cache: DecodedImageCache | None = None):
         self.pids, self.paths, self.transform, self.cache = pids, paths, transform, cache
@@ -83,11 +113,11 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int):
         image = read_image(self.paths[index]) if self.cache is None else self.cache[index]
-        return self.pids[index], None if image is None else self.transform(image), self.paths[index]
+        return index, self.pids[index], None if image is None else self.transform(image), self.paths[index]
 
 
 class TextDataset(Dataset):
-    """Query captions: (pid, token ids)."""
+    """Query captions: (index, pid, token ids)."""
 
     def __init__(self, pids: list[int], captions: list[str], tokenizer: SimpleTokenizer, text_length: int = 77):
         self.pids, self.captions = pids, captions
@@ -97,29 +127,41 @@ class TextDataset(Dataset):
         return len(self.captions)
 
     def __getitem__(self, index: int):
-        return self.pids[index], tokenize(self.captions[index], self.tokenizer, self.text_length)
+        return index, self.pids[index], tokenize(self.captions[index], self.tokenizer, self.text_length)
 
 
-def collate(samples: list[dict | None]) -> dict[str, torch.Tensor]:
-    """List of sample dicts -> dict of stacked tensors (ints become a LongTensor); unreadable
-    samples (None) are dropped and counted in ``skipped``."""
-    batch = [sample for sample in samples if sample is not None]
-    out = {"skipped": torch.tensor(len(samples) - len(batch))}
-    if not batch:
-        return {**out, "images": torch.empty(0)}
-    for key in batch[0]:
-        values = [sample[key] for sample in batch]
+class ShardedBatchSampler(Sampler[list[int]]):
+    """The batches of one sequential pass over ``length`` items, batch b going to process
+    b % world_size: each process encodes whole batches exactly as a single process would."""
+
+    def __init__(self, length: int, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.length, self.batch_size, self.rank, self.world_size = length, batch_size, rank, world_size
+
+    def __iter__(self):
+        for start in range(self.rank * self.batch_size, self.length, self.world_size * self.batch_size):
+            yield list(range(start, min(start + self.batch_size, self.length)))
+
+    def __len__(self) -> int:
+        return len(range(self.rank * self.batch_size, self.length, self.world_size * self.batch_size))
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """List of sample dicts -> dict of stacked tensors (ints become a LongTensor)."""
+    out = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
         out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.tensor(values)
     return out
 
 
-def collate_images(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """(pids, images) of the readable gallery images and the paths of the unreadable ones."""
-    good = [(pid, image) for pid, image, _ in samples if image is not None]
-    bad = [path for _, image, path in samples if image is None]
-    pids = torch.tensor([pid for pid, _ in good], dtype=torch.long)
-    images = torch.stack([image for _, image in good]) if good else torch.empty(0)
-    return pids, images, bad
+def collate_images(samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+    """(indices, pids, images) of the readable gallery images and the paths of the unreadable ones."""
+    good = [(index, pid, image) for index, pid, image, _ in samples if image is not None]
+    bad = [path for _, _, image, path in samples if image is None]
+    indices = torch.tensor([index for index, _, _ in good], dtype=torch.long)
+    pids = torch.tensor([pid for _, pid, _ in good], dtype=torch.long)
+    images = torch.stack([image for _, _, image in good]) if good else torch.empty(0)
+    return indices, pids, images, bad
 
 
 def open_cache(cfg, dataset: BaseDataset, split: str, paths: list[str]) -> DecodedImageCache | None:
@@ -137,21 +179,25 @@ def open_cache(cfg, dataset: BaseDataset, split: str, paths: list[str]) -> Decod
     return cache
 
 
-def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, split: str = "test"):
-    """(image loader, text loader) over a split: gallery images and query captions."""
+def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, split: str = "test",
+                       rank: int = 0, world_size: int = 1) -> tuple[DataLoader, DataLoader]:
+    """(image loader, text loader) over a split: gallery images and query captions. Batches of
+    ``test_batch_size`` in order; under DDP each process loads every ``world_size``-th batch."""
     data = getattr(dataset, split)
     cache = open_cache(cfg, dataset, split, data.img_paths)
     transform = build_transforms(cfg.img_size, is_train=False) if cache is None else \
         build_tensor_transforms(cfg.img_size, is_train=False)
-    kwargs = dict(batch_size=cfg.test_batch_size, shuffle=False, num_workers=cfg.num_workers)
-    return (DataLoader(ImageDataset(data.image_pids, data.img_paths, transform, cache), collate_fn=collate_images,
-                       **kwargs),
-            DataLoader(TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length), **kwargs))
+    images = ImageDataset(data.image_pids, data.img_paths, transform, cache)
+    texts = TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length)
+    return tuple(DataLoader(items, batch_sampler=ShardedBatchSampler(len(items), cfg.test_batch_size, rank, world_size),
+                            num_workers=cfg.num_workers, **extra)
+                 for items, extra in ((images, {"collate_fn": collate_images}), (texts, {})))
 
 
-def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, batch_keys: set[str],
+def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, batch_fields: set[str],
                        generator: torch.Generator | None = None, rank: int = 0, world_size: int = 1) -> DataLoader:
-    """Loader of training samples; masked captions are built if a head needs them or ``cfg.MLM``.
+    """Loader of training samples with the batch fields the heads need (``batch_fields``; masked
+    captions also when ``cfg.MLM``).
 
     ``cfg.batch_size`` is the global batch; each of ``world_size`` processes loads its share. In one
     process, shuffling and worker seeds come from ``generator``; the identity and distributed
@@ -159,18 +205,12 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
     depends only on RNG states at its start (exact resume)."""
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size {cfg.batch_size} must be a multiple of the {world_size} processes")
-    masking = None
-    if "mlm_ids" in batch_keys or cfg.MLM:
-        masking = MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate)
+    fields = build_fields(set(batch_fields) | ({"mlm_ids"} if cfg.MLM else set()), cfg, tokenizer)
     cache = open_cache(cfg, dataset, "train", dataset.train_image_paths())
     transform = build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value) if cache is None else \
         build_tensor_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value)
-    augment = CaptionAugmentation(
-        cfg.text_prune_prob, cfg.text_prune_mode,
-        MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) if cfg.text_mask_corruption
-        else None, cfg.corruption_key_prob, cfg.corruption_other_prob)
-    train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, masking,
-                                 cfg.global_sees_masked_caption, cache, augment)
+    train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, fields, cache,
+                                 CaptionAugmentation.from_config(cfg))
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler in ("identity", "idrannum"):

@@ -7,9 +7,21 @@ from dataclasses import dataclass
 
 import torch
 
+from utils.settings import PROBABILITY, Setting, declare
 from utils.simple_tokenizer import SimpleTokenizer, pad_ids, tokenize
 
 from .text_prune import is_key_word, prune_caption
+
+SETTINGS = (
+    Setting("text_prune_prob", 0.0, "UIT: the training caption is pruned to its key words with this probability",
+            **PROBABILITY),
+    Setting("text_prune_mode", "pos_approx", "offline stand-in for SEN's POS filter, or attribute words only",
+            choices=("pos_approx", "attribute_only")),
+    Setting("text_mask_corruption", False, "UIT: SEN's in-place MLM corruption of the training caption"),
+    Setting("corruption_key_prob", 0.3, "its selection rate for key-word (noun/adjective) pieces", **PROBABILITY),
+    Setting("corruption_other_prob", 0.05, "... and for every other piece", **PROBABILITY),
+)
+declare("caption augmentation", SETTINGS)
 
 
 @dataclass
@@ -75,6 +87,13 @@ class CaptionAugmentation:
     corruption: MaskingConfig | None = None
     key_prob: float = 0.3
     other_prob: float = 0.05
+
+    @classmethod
+    def from_config(cls, cfg) -> "CaptionAugmentation":
+        corruption = MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) \
+            if cfg.text_mask_corruption else None
+        return cls(cfg.text_prune_prob, cfg.text_prune_mode, corruption, cfg.corruption_key_prob,
+                   cfg.corruption_other_prob)
 
     def __call__(self, caption: str, tokenizer: SimpleTokenizer, text_length: int,
                  rng: random.Random | None = None) -> torch.Tensor:

@@ -6,24 +6,26 @@ from torch import nn
 
 from .clip import CLIPConfig, CLIPEncoder
 from .clip_loading import load_openai_clip
-from .heads import HEADS, Batch, EncoderOutput, parse_loss_names
+from .heads import HEADS, Batch, EncoderOutput, Head, parse_loss_names
+from .retrieval import RetrievalDefinition
 
 SCRATCH = "none"  # pretrain_choice that builds the encoder from the size keys, randomly initialised
 
 
 class TBPSModel(nn.Module):
-    """Encoder + ``ModuleDict`` of heads: one module, one state dict (``encoder.*``, ``heads.<name>.*``)."""
+    """Encoder + ``ModuleDict`` of heads: one module, one state dict (``encoder.*``, ``heads.<name>.*``).
 
-    def __init__(self, encoder: CLIPEncoder, heads: dict[str, nn.Module]):
+    ``retrieval`` is what the model ranks with, as its heads define it (``model/retrieval.py``)."""
+
+    def __init__(self, encoder: CLIPEncoder, heads: dict[str, Head]):
         super().__init__()
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
+        self.retrieval = RetrievalDefinition(dict(self.heads))
 
     def encode(self, batch: Batch) -> EncoderOutput:
-        image_tokens = self.encoder.encode_image(batch["images"])
-        text_tokens = self.encoder.encode_text(batch["caption_ids"])
-        return EncoderOutput(image_tokens, text_tokens, self.encoder.image_global(image_tokens),
-                             self.encoder.text_global(text_tokens, batch["caption_ids"]))
+        return EncoderOutput(self.encoder.image_output(batch["images"]),
+                             self.encoder.text_output(batch["caption_ids"]))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.encode(batch)
@@ -40,8 +42,9 @@ class TBPSModel(nn.Module):
         """Global text features for retrieval, [B, E] fp32."""
         return self.encoder.text_global(self.encoder.encode_text(text_ids), text_ids)
 
-    def required_batch_keys(self) -> set[str]:
-        return {key for head in self.heads.values() for key in head.batch_keys}
+    def required_fields(self) -> set[str]:
+        """Batch fields the heads need besides images, caption_ids, pids and image_ids."""
+        return {key for head in self.heads.values() for key in head.batch_fields}
 
 
 def encoder_config_from(cfg) -> CLIPConfig:

@@ -3,7 +3,9 @@
 ``encode_image`` returns every visual token after ``ln_post`` and ``proj`` ([B, 1+N, E]; the
 global feature is token 0, CLS); ``encode_text`` returns every text token after ``ln_final`` and
 ``text_projection`` ([B, L, E]; the global feature is the EOT token, found as argmax of the ids).
-The encoder knows nothing about training heads.
+``image_output`` / ``text_output`` give one pass's public outputs at once: the tokens before the
+projection (``hidden``), after it (``tokens``) and the global feature. The encoder knows nothing
+about training heads.
 """
 from __future__ import annotations
 
@@ -13,6 +15,28 @@ import torch
 from torch import nn
 
 from .blocks import LayerNorm, Transformer
+
+
+@dataclass
+class ImageOutput:
+    """One image pass: every token before and after the projection, and the global feature."""
+    tokens: torch.Tensor          # [B, 1+N, E] after ln_post and proj; token 0 = CLS
+    global_feature: torch.Tensor  # [B, E] fp32: the CLS token
+    hidden: torch.Tensor | None = None  # [B, 1+N, W] after ln_post, before proj (vision width)
+
+
+@dataclass
+class TextOutput:
+    """One text pass: the ids, every token before and after the projection, and the global feature."""
+    ids: torch.Tensor             # [B, L]
+    tokens: torch.Tensor          # [B, L, E] after ln_final and text_projection
+    global_feature: torch.Tensor  # [B, E] fp32: the EOT token
+    hidden: torch.Tensor | None = None  # [B, L, W] after ln_final, before text_projection (text width)
+
+    @property
+    def eot_index(self) -> torch.Tensor:
+        """Position of EOT (49407, the largest id) in each caption, [B]."""
+        return self.ids.argmax(dim=-1)
 
 
 @dataclass
@@ -70,8 +94,7 @@ class VisionTransformer(nn.Module):
             patches = patches.gather(1, index)
         cls = (self.class_embedding + self.positional_embedding[0]).to(patches.dtype)
         x = torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x) @ self.proj
+        return self.ln_post(self.transformer(self.ln_pre(x)))  # before ``proj``
 
 
 class CLIPEncoder(nn.Module):
@@ -121,13 +144,27 @@ class CLIPEncoder(nn.Module):
         (MAE-style token dropping, e.g. for masked image modelling): the output is [B, 1+K, E], CLS
         first, then the kept patches in the given order. Dropped patches never enter the Transformer.
         """
-        return self.visual(images, keep_patches)
+        return self.visual(images, keep_patches) @ self.visual.proj
 
     def encode_text(self, text_ids: torch.Tensor) -> torch.Tensor:
         """All text tokens after ``ln_final`` and ``text_projection``: [B, L, E]."""
+        return self._text_hidden(text_ids) @ self.text_projection
+
+    def _text_hidden(self, text_ids: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(text_ids) + self.positional_embedding
-        x = self.transformer(x, causal=True)
-        return self.ln_final(x) @ self.text_projection
+        return self.ln_final(self.transformer(x, causal=True))
+
+    def image_output(self, images: torch.Tensor) -> ImageOutput:
+        """One pass over ``images``: hidden tokens, projected tokens and the CLS global feature."""
+        hidden = self.visual(images)
+        tokens = hidden @ self.visual.proj
+        return ImageOutput(tokens, self.image_global(tokens), hidden)
+
+    def text_output(self, text_ids: torch.Tensor) -> TextOutput:
+        """One pass over ``text_ids``: hidden tokens, projected tokens and the EOT global feature."""
+        hidden = self._text_hidden(text_ids)
+        tokens = hidden @ self.text_projection
+        return TextOutput(text_ids, tokens, self.text_global(tokens, text_ids), hidden)
 
     @staticmethod
     def image_global(image_tokens: torch.Tensor) -> torch.Tensor:

@@ -1,27 +1,27 @@
-"""Training loop: epochs, logging, evaluation, checkpoints (``best.pth``, ``last.pth``)."""
+"""Training loop: epochs, the heads' per-epoch hooks, logging, evaluation, checkpoints."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from utils.checkpoint import gather_rng_states, save_training_state
-from utils.comm import all_ranks_true, barrier, is_main_process
-from utils.errors import UserError
+from utils.comm import all_gather_rows, all_reduce_sum, barrier, get_world_size, is_main_process
+from utils.errors import ConfigError
 from utils.iotools import save_checkpoint, write_json
-from utils.metrics import Evaluator, results_table
+from utils.metrics import results_table
+from utils.options import parse_select_metric
+
+from .evaluation import Evaluator
+from .train_step import TrainingDiverged, TrainStep, move_to
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingDiverged(UserError):
-    """Too many consecutive non-finite losses."""
 
 
 class AverageMeter:
@@ -37,78 +37,86 @@ class AverageMeter:
         return self.sum / max(1, self.count)
 
 
-def move_to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+class TrainingSetPass:
+    """The ``EpochContext`` a head's ``before_epoch`` gets: a no-gradient pass over the training loader
+    (eval mode) whose per-sample outputs are gathered from every process by the batch's ``index``."""
 
+    def __init__(self, model, loader, device: torch.device, epoch: int, amp_dtype: torch.dtype | None):
+        self.model, self.loader, self.device, self.epoch, self.amp_dtype = model, loader, device, epoch, amp_dtype
+        self.num_samples = len(loader.dataset)
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    @torch.no_grad()
+    def per_sample(self, fn: Callable) -> dict[str, torch.Tensor]:
+        was_training = self.model.training
+        self.model.eval()
+        index, values = [], defaultdict(list)
+        for batch in tqdm(self.loader, desc=f"epoch {self.epoch} pass", leave=False, disable=not is_main_process()):
+            batch.pop("replaced")
+            if "index" not in batch:
+                raise ConfigError("a per-sample pass needs the batch field 'index': add it to the head's batch_fields")
+            batch = move_to(batch, self.device)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                out = fn(batch, self.model.encode(batch), self.model.encoder)
+            index.append(batch["index"])
+            for key, value in out.items():
+                values[key].append(value.float())
+        self.model.train(was_training)
+        rows = all_gather_rows(torch.cat(index)).cpu()
+        result = {}
+        for key, parts in values.items():
+            full = torch.full((self.num_samples,), float("nan"))
+            full[rows] = all_gather_rows(torch.cat(parts)).cpu()
+            result[key] = full
+        return result
 
 
 class EpochTrainer:
-    """One epoch at a time: autocast (``amp`` bf16/fp16, a GradScaler for fp16), gradient
-    accumulation over ``accum_steps`` batches, and steps with a non-finite loss skipped (the run
-    stops after ``max_nonfinite_steps`` in a row)."""
+    """One epoch at a time through ``TrainStep``: accumulation over ``accum_steps`` batches, steps
+    with a non-finite loss skipped (the run stops after ``max_nonfinite_steps`` in a row)."""
 
     def __init__(self, model, optimizer, device, log_period: int, max_nonfinite_steps: int,
                  amp: str = "off", accum_steps: int = 1):
-        self.model, self.optimizer, self.device = model, optimizer, device
-        self.log_period, self.max_nonfinite_steps = log_period, max_nonfinite_steps
-        self.amp_dtype = AMP_DTYPES.get(amp)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-        self.accum_steps = accum_steps
-        self.nonfinite_in_a_row = 0
+        self.step = TrainStep(model, optimizer, device, amp, accum_steps, max_nonfinite_steps)
+        self.model, self.log_period, self.accum_steps = model, log_period, accum_steps
 
     def run(self, loader, epoch: int) -> dict[str, float]:
-        """Returns the epoch average of every value the heads report, plus skip counts."""
+        """Returns the epoch average of every value the heads report, plus replacement and skip counts."""
         self.model.train()
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         meters: dict[str, AverageMeter] = defaultdict(AverageMeter)
-        skipped_images = nonfinite = 0
+        replaced = nonfinite = 0
         progress = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                         disable=not is_main_process())
-        self.optimizer.zero_grad(set_to_none=True)
+        self.step.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(progress, start=1):
-            skipped_images += int(batch.pop("skipped", 0))
-            if batch["images"].shape[0] == 0:
-                continue
-            batch = move_to(batch, self.device)
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                outputs = self.model(batch)
-                total = sum(v for k, v in outputs.items() if k.endswith("_loss"))
-            if not all_ranks_true(bool(torch.isfinite(total)), self.device):  # every rank skips together
+            replaced += int(batch.pop("replaced").sum())
+            update = step % self.accum_steps == 0 or step == len(loader)
+            outcome = self.step(batch, update, where=f"epoch {epoch} step {step}")
+            if not outcome.finite:
                 nonfinite += 1
-                self.optimizer.zero_grad(set_to_none=True)  # drops a partial accumulation too
-                self._non_finite(outputs, batch["image_ids"], epoch, step)
                 continue
-            self.nonfinite_in_a_row = 0
-            self.scaler.scale(total / self.accum_steps).backward()
-            if step % self.accum_steps == 0 or step == len(loader):
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                self.optimizer.zero_grad(set_to_none=True)
             n = batch["images"].shape[0]
-            meters["loss"].update(total.item(), n)
-            for key, value in outputs.items():
-                meters[key].update(value.item(), n)
+            meters["loss"].update(outcome.total, n)
+            for key, value in outcome.outputs.items():
+                meters[key].update(value, n)
             progress.set_postfix(loss=f"{meters['loss'].avg:.4f}")
             if step % self.log_period == 0:
                 logger.info("epoch %d [%d/%d] %s", epoch, step, len(loader),
                             ", ".join(f"{k}: {m.avg:.4f}" for k, m in meters.items()))
-        if skipped_images:
-            logger.warning("epoch %d: skipped %d unreadable training images", epoch, skipped_images)
+        replaced = all_reduce_sum(replaced, self.step.device)  # every process's loader
+        if replaced:
+            logger.warning("epoch %d: replaced %d samples whose image could not be read", epoch, replaced)
         stats = {k: m.avg for k, m in meters.items()}
-        stats.update(skipped_images=skipped_images, nonfinite_steps=nonfinite)
+        stats.update(replaced_samples=replaced, nonfinite_steps=nonfinite)
         return stats
 
-    def _non_finite(self, outputs, image_ids: torch.Tensor, epoch: int, step: int) -> None:
-        self.nonfinite_in_a_row += 1
-        bad = {k: v.item() for k, v in outputs.items() if k.endswith("_loss") and not math.isfinite(v.item())}
-        logger.warning("epoch %d step %d: non-finite loss %s, step skipped; image ids %s",
-                       epoch, step, bad, image_ids.tolist())
-        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
-            raise TrainingDiverged(f"{self.nonfinite_in_a_row} consecutive non-finite losses at epoch {epoch} "
-                                   f"step {step}; training stopped, state saved to last.pth")
+
+def head_states(model) -> dict[str, dict]:
+    return {name: state for name, head in model.heads.items() if (state := head.training_state())}
+
+
+def is_better(results: dict, best: dict, select: tuple[str, str]) -> bool:
+    block, metric = select
+    return not best or results[block][metric] > best[block][metric]
 
 
 def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, scheduler, run_dir: Path,
@@ -116,9 +124,10 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
              best: dict | None = None, scaler_state: dict | None = None) -> dict:
     """Train epochs ``start_epoch..num_epoch``, evaluating every ``eval_period`` and at the end.
 
-    After every epoch ``last.pth`` holds the full training state (exact resume); ``best.pth`` and
-    ``results.json`` follow the best t2i R1. All files are written atomically. Under DDP ``model``
-    is the wrapped model; only rank 0 evaluates, logs to TensorBoard and writes files.
+    Before each epoch every head's ``before_epoch`` runs. After every epoch ``last.pth`` holds the
+    full training state (exact resume, heads' per-epoch state included); ``best.pth`` and
+    ``results.json`` follow ``select_metric``. All files are written atomically. Under DDP ``model``
+    is the wrapped model; every process evaluates its share; rank 0 logs and writes files.
     """
     main = is_main_process()
     bare = getattr(model, "module", model)  # the model without its DDP wrapper
@@ -126,18 +135,30 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
     trainer = EpochTrainer(model, optimizer, device, cfg.log_period, cfg.max_nonfinite_steps, cfg.amp,
                            cfg.accum_steps)
     if scaler_state:
-        trainer.scaler.load_state_dict(scaler_state)
+        trainer.step.scaler.load_state_dict(scaler_state)
+    select = parse_select_metric(cfg.select_metric)
     best = best or {}
-    logger.info("training epochs %d..%d, %d iterations each", start_epoch, cfg.num_epoch, len(train_loader))
+    logger.info("training epochs %d..%d, %d iterations each, %d process(es)", start_epoch, cfg.num_epoch,
+                len(train_loader), get_world_size())
+
+    def save_last(epoch: int) -> None:
+        rng_states = gather_rng_states(generator)
+        if main:
+            save_training_state(run_dir / "last.pth", bare, optimizer, scheduler, epoch, best, rng_states,
+                                trainer.step.scaler, head_states(bare))
+
     for epoch in range(start_epoch, cfg.num_epoch + 1):
         start = time.time()
+        if hasattr(train_loader.sampler, "set_epoch"):
+            train_loader.sampler.set_epoch(epoch)
+        context = TrainingSetPass(bare, train_loader, device, epoch, trainer.step.amp_dtype)
+        for head in bare.heads.values():
+            head.before_epoch(context)
         try:
             stats = trainer.run(train_loader, epoch)
         except TrainingDiverged:  # keep the weights of the last finite step for inspection
-            rng_states = gather_rng_states(generator)
+            save_last(epoch - 1)
             if main:
-                save_training_state(run_dir / "last.pth", bare, optimizer, scheduler, epoch - 1, best, rng_states,
-                                    trainer.scaler)
                 writer.close()
             raise
         lr = scheduler.get_last_lr()[0]
@@ -149,23 +170,22 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
             writer.add_scalar("train/temperature", cfg.temperature, epoch)
             logger.info("epoch %d done in %.1fs, lr %.2e, %s", epoch, time.time() - start, lr,
                         ", ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
-        if main and (epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch):
-            results = evaluator.eval(bare, device)
-            logger.info("validation (%s) at epoch %d:\n%s", cfg.val_dataset, epoch, results_table(results))
-            for task, metrics in results.items():
-                for key, value in metrics.items():
-                    writer.add_scalar(f"eval/{task}_{key}", value, epoch)
-            if not best or results["t2i"]["R1"] > best["t2i"]["R1"]:
+        if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
+            results = evaluator.eval(bare, device).results  # every process: its share, the same numbers
+            if is_better(results, best, select):
                 best = {**results, "epoch": epoch}
-                save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results},
-                                run_dir / "best.pth")
-                write_json(best, run_dir / "results.json")
-        rng_states = gather_rng_states(generator)
-        if main:
-            save_training_state(run_dir / "last.pth", bare, optimizer, scheduler, epoch, best, rng_states,
-                                trainer.scaler)
-        barrier()  # the other ranks wait for evaluation and checkpoints
+            if main:
+                logger.info("validation (%s) at epoch %d:\n%s", cfg.val_dataset, epoch, results_table(results))
+                for task, metrics in results.items():
+                    for key, value in metrics.items():
+                        writer.add_scalar(f"eval/{task}_{key}", value, epoch)
+                if best["epoch"] == epoch:
+                    save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results},
+                                    run_dir / "best.pth")
+                    write_json(best, run_dir / "results.json")
+        save_last(epoch)
+        barrier()
     if main:
         writer.close()
-        logger.info("best t2i R1 %.3f at epoch %d", best["t2i"]["R1"], best["epoch"])
+        logger.info("best %s %.3f at epoch %d", cfg.select_metric, best[select[0]][select[1]], best["epoch"])
     return best

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-# Entries of OpenAI's JIT archives that are not weights (spec 1.1).
+# Entries of OpenAI's JIT archives that are not weights (IRRA's model/clip_model.py loader skips them).
 JIT_META = {"input_resolution": 224, "context_length": 77, "vocab_size": 49408}
 OPENAI_VOCAB = 49408
 OPENAI_CONTEXT = 77
@@ -26,7 +26,7 @@ OPENAI_CONTEXT = 77
 # OpenAI-format CLIP checkpoints
 # ----------------------------------------------------------------------------------------------
 def _block_shapes(prefix: str, width: int) -> dict[str, tuple[int, ...]]:
-    """Shapes of one CLIP residual block in OpenAI's key format (spec 1.2)."""
+    """Shapes of one CLIP residual block in OpenAI's key format (as in OpenAI's ViT-B/16 state dict)."""
     return {
         f"{prefix}.attn.in_proj_weight": (3 * width, width),
         f"{prefix}.attn.in_proj_bias": (3 * width,),
@@ -262,8 +262,33 @@ TINY_MODEL = dict(pretrain_choice="none", img_size=[32, 16], vision_patch_size=8
 
 def tiny_model_config(**overrides) -> SimpleNamespace:
     """The default config with a tiny from-scratch encoder (and any overrides)."""
-    from utils.options import DEFAULTS
-    return SimpleNamespace(**{**DEFAULTS, **TINY_MODEL, **overrides})
+    from utils.options import defaults
+    return SimpleNamespace(**{**defaults(), **TINY_MODEL, **overrides})
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    """The generated toy CUHK-PEDES (16 training identities, 8 test identities), read-only."""
+    from datasets.toy import generate_toy_dataset
+    root = tmp_path_factory.mktemp("toy")
+    generate_toy_dataset(root, num_train_ids=16, num_val_ids=2, num_test_ids=8, image_size=(48, 24))
+    return root
+
+
+def demo_config(root: Path, *flags: str) -> SimpleNamespace:
+    """The resolved config of configs/demo.yaml with the tiny model, on ``root``, plus ``flags``."""
+    from test_end_to_end import REPO, TINY
+    from utils.options import build_parser, resolve
+    args = ["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(root), *flags]
+    return resolve(build_parser("t").parse_args(args))
+
+
+@pytest.fixture
+def custom():
+    """The heads of ``custom_heads.py`` (defined only in the test suite), registered for one test."""
+    from custom_heads import registered
+    with registered():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -273,3 +298,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def encoder_output(image_global: torch.Tensor, text_global: torch.Tensor):
+    """An ``EncoderOutput`` holding given global features (one token each), for testing heads that
+    read only the global features."""
+    from model.clip import ImageOutput, TextOutput
+    from model.heads import EncoderOutput
+    ids = torch.full((len(text_global), 1), 49407)
+    return EncoderOutput(ImageOutput(image_global[:, None], image_global),
+                         TextOutput(ids, text_global[:, None], text_global))

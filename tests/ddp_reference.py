@@ -5,13 +5,13 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.options import DEFAULTS
+from utils.options import defaults
 
 LOSS_NAMES = "sdm+itc+cmpm+cmt+id+tir"
 
 
 def tiny_config() -> SimpleNamespace:
-    return SimpleNamespace(**{**DEFAULTS, "pretrain_choice": "none", "img_size": [32, 16],
+    return SimpleNamespace(**{**defaults(), "pretrain_choice": "none", "img_size": [32, 16],
                               "vision_patch_size": 8, "stride_size": 8, "vision_width": 64,
                               "vision_layers": 1, "text_width": 64, "text_layers": 1, "embed_dim": 32,
                               "text_length": 16, "loss_names": LOSS_NAMES})

@@ -1,12 +1,13 @@
-"""CMT (UIT cross-modal triplet) against the hand-computed 4-sample batch of uit.md V8."""
+"""CMT (UIT cross-modal triplet; SEN, Delong-liu-bupt/SEN @ 3d887c1: compute_tri in model/objectives.py) on a
+hand-computed 4-sample batch."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import encoder_output
 from model.heads import HEADS
-from model.heads.base import EncoderOutput
 from model.objectives import cmt_loss
 
 PIDS = torch.tensor([0, 0, 1, 2])
@@ -68,5 +69,5 @@ def test_satisfied_margins_and_single_identity_give_zero():
 
 def test_head_weights_and_registers():
     head = HEADS["cmt"](margin=0.05, weight=10.0)
-    out = EncoderOutput(torch.zeros(4, 1, 2), torch.zeros(4, 1, 2), IMAGES.float(), TEXTS.float())
+    out = encoder_output(IMAGES.float(), TEXTS.float())
     assert head({"pids": PIDS}, out, None)["cmt_loss"].item() == pytest.approx(3.539214, abs=1e-5)

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from utils.errors import ConfigError
-from utils.options import DEFAULTS, build_parser, load_yaml, resolve
+from utils.options import build_parser, defaults, load_yaml, resolve
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -18,7 +18,7 @@ def _resolve(*argv: str):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
-    assert set(load_yaml(path)) <= set(DEFAULTS)
+    assert set(load_yaml(path)) <= set(defaults())
 
 
 @pytest.mark.parametrize("name, dataset", [("cuhk_pedes", "CUHK-PEDES"), ("icfg_pedes", "ICFG-PEDES"),
@@ -37,7 +37,7 @@ def test_precedence_defaults_yaml_flags(tmp_path):
     config.write_text("batch_size: 8\nlr: 0.5\nimg_aug: true\n")
     cfg = _resolve("--config_file", str(config), "--lr", "0.25", "--no-img_aug", "--img_size", "64", "32")
     assert cfg.batch_size == 8 and cfg.lr == 0.25 and cfg.img_aug is False
-    assert cfg.img_size == [64, 32] and cfg.num_epoch == DEFAULTS["num_epoch"]
+    assert cfg.img_size == [64, 32] and cfg.num_epoch == defaults()["num_epoch"]
 
 
 def test_base_inheritance_is_relative_to_the_file(tmp_path):

@@ -1,5 +1,5 @@
 """Dataset builders, identity sampler, transforms, MLM masking, torch datasets and loaders
-(spec sections 3, 4, 5.6, 5.7; checks V4, V5, V7; decision 4)."""
+(as in anosorae/IRRA @ cfc2378: datasets/build.py, datasets/sampler.py, datasets/bases.py)."""
 from __future__ import annotations
 
 import json
@@ -16,19 +16,20 @@ from PIL import Image
 
 from datasets import DatasetError, build_dataset
 from datasets.bases import DATASETS
-from datasets.build import (ImageTextDataset, build_eval_loaders, build_train_loader,
+from datasets.build import (ImageTextDataset, ShardedBatchSampler, build_eval_loaders, build_train_loader,
                             collate)
 from datasets.captions import MaskingConfig, mask_tokens
+from datasets.fields import MaskedCaption
 from datasets.sampler import RandomIdentitySampler
 from datasets.transforms import build_transforms
 from utils.errors import ConfigError
-from utils.options import DEFAULTS
+from utils.options import defaults
 from utils.simple_tokenizer import tokenize
 
 MASK_ID, SOT_ID, EOT_ID = 49405, 49406, 49407
-# Reference values from the spec (section 4), not imported from the code under test.
-SPEC_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-SPEC_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# OpenAI CLIP's normalisation constants (as in IRRA datasets/build.py), not imported from the code under test.
+REF_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+REF_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # (ids, images, captions) per split, counted by hand from the fixture's layouts in conftest.py.
 EXPECTED_STATS = {
@@ -40,7 +41,7 @@ NAMES = list(EXPECTED_STATS)
 
 
 def _cfg(**overrides):
-    return SimpleNamespace(**{**DEFAULTS, "num_workers": 0, **overrides})
+    return SimpleNamespace(**{**defaults(), "num_workers": 0, **overrides})
 
 
 def _split_of(entry):
@@ -251,7 +252,7 @@ def test_unknown_dataset_name_lists_known(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# V4: identity sampler
+# Identity sampler (IRRA datasets/sampler.py RandomIdentitySampler)
 # ----------------------------------------------------------------------------------------------
 def _seed(seed):
     random.seed(seed)
@@ -333,7 +334,7 @@ def test_identity_sampler_rejects_bad_sizes():
 
 
 # ----------------------------------------------------------------------------------------------
-# V5: transforms
+# Transforms (IRRA datasets/build.py build_transforms)
 # ----------------------------------------------------------------------------------------------
 COLOUR = (200, 30, 90)
 
@@ -343,7 +344,7 @@ def _solid(colour=COLOUR, size=(12, 24)):
 
 
 def _normalised(rgb):
-    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, SPEC_CLIP_MEAN, SPEC_CLIP_STD)])
+    return torch.tensor([(c / 255 - m) / s for c, m, s in zip(rgb, REF_CLIP_MEAN, REF_CLIP_STD)])
 
 
 def test_test_transform_shape_values_and_determinism():
@@ -387,7 +388,7 @@ def test_train_transform_without_aug_flips():
     assert left_colours == {"red", "blue"}  # both flipped and unflipped outputs occur
 
 
-@pytest.mark.parametrize("erase_value,fill", [("clip_mean", SPEC_CLIP_MEAN), ("zero", (0.0, 0.0, 0.0))])
+@pytest.mark.parametrize("erase_value,fill", [("clip_mean", REF_CLIP_MEAN), ("zero", (0.0, 0.0, 0.0))])
 def test_train_aug_random_erasing_fill(erase_value, fill):
     t = build_transforms((384, 128), is_train=True, aug=True, erase_value=erase_value)
     fill = torch.tensor(fill, dtype=torch.float32)
@@ -420,16 +421,16 @@ def test_clip_mean_erasing_differs_from_zero_in_normalised_space():
     for seed in range(40):
         torch.manual_seed(seed)
         out = t(_solid())
-        mask = (out == torch.tensor(SPEC_CLIP_MEAN)[:, None, None]).all(0)
+        mask = (out == torch.tensor(REF_CLIP_MEAN)[:, None, None]).all(0)
         if mask.any():
-            raw = out[:, mask] * torch.tensor(SPEC_CLIP_STD)[:, None] + torch.tensor(SPEC_CLIP_MEAN)[:, None]
+            raw = out[:, mask] * torch.tensor(REF_CLIP_STD)[:, None] + torch.tensor(REF_CLIP_MEAN)[:, None]
             assert torch.allclose(raw[:, 0], torch.tensor([0.6108, 0.5775, 0.5208]), atol=1e-3)
             return
     pytest.fail("no erased sample in 40 seeds")
 
 
 # ----------------------------------------------------------------------------------------------
-# V7: MLM masking (decision 4: analytic rates)
+# MLM masking (IRRA datasets/bases.py _build_random_masked_tokens_and_labels), tested against the analytic rates
 # ----------------------------------------------------------------------------------------------
 def _caption_ids(n: int, seed: int = 0) -> torch.Tensor:
     gen = np.random.default_rng(seed)
@@ -559,7 +560,8 @@ def test_masking_config_rates_are_used(tokenizer):
 def _train_set(toy_benchmarks, tokenizer, masking, aliasing):
     ds = build_dataset("CUHK-PEDES", toy_benchmarks.root)
     transform = build_transforms((384, 128), is_train=False)
-    return ds, ImageTextDataset(ds.train, transform, tokenizer, 77, masking, aliasing)
+    fields = [MaskedCaption(tokenizer, masking, aliasing)] if masking is not None else []
+    return ds, ImageTextDataset(ds.train, transform, tokenizer, 77, fields)
 
 
 def test_dataset_without_masking(toy_benchmarks, tokenizer):
@@ -567,7 +569,7 @@ def test_dataset_without_masking(toy_benchmarks, tokenizer):
     assert len(data) == len(ds.train) == 12
     sample = data[3]
     pid, image_id, _, caption = ds.train[3]
-    assert set(sample) == {"pids", "image_ids", "images", "caption_ids"}
+    assert set(sample) == {"pids", "image_ids", "images", "caption_ids", "replaced"} and sample["replaced"] == 0
     assert sample["pids"] == pid and sample["image_ids"] == image_id
     assert sample["images"].shape == (3, 384, 128)
     assert torch.equal(sample["caption_ids"], tokenize(caption, tokenizer))
@@ -611,26 +613,23 @@ def test_collate():
         {"pids": 5, "image_ids": 1, "images": torch.full((3, 4, 2), 2.0), "caption_ids": torch.arange(5) + 10},
     ]
     out = collate(batch)
-    assert set(out) == set(batch[0]) | {"skipped"} and out["skipped"] == 0
+    assert set(out) == set(batch[0])
     assert out["pids"].tolist() == [3, 5] and out["pids"].dtype == torch.int64
     assert out["image_ids"].tolist() == [0, 1] and out["image_ids"].dtype == torch.int64
     assert out["images"].shape == (2, 3, 4, 2)
     assert torch.equal(out["images"][1], batch[1]["images"])
     assert out["caption_ids"].shape == (2, 5)
     assert torch.equal(out["caption_ids"][1], batch[1]["caption_ids"])
-    dropped = collate([None, batch[0], None])
-    assert dropped["skipped"] == 2 and dropped["pids"].tolist() == [3]
-    assert collate([None])["images"].shape[0] == 0
 
 
 def test_train_loader_random(toy_benchmarks, tokenizer):
     ds = build_dataset("RSTPReid", toy_benchmarks.root)
     cfg = _cfg(batch_size=4, MLM=True, img_aug=True, erase_value="clip_mean")
-    loader = build_train_loader(cfg, ds, tokenizer, batch_keys=set(), generator=torch.Generator().manual_seed(0))
+    loader = build_train_loader(cfg, ds, tokenizer, batch_fields=set(), generator=torch.Generator().manual_seed(0))
     batches = list(loader)
     assert [len(b["pids"]) for b in batches] == [4, 4, 2]  # 10 captions, drop_last False
     first = batches[0]
-    assert set(first) == {"pids", "image_ids", "images", "caption_ids", "mlm_ids", "mlm_labels", "skipped"}
+    assert set(first) == {"pids", "image_ids", "images", "caption_ids", "mlm_ids", "mlm_labels", "replaced"}
     assert first["images"].shape == (4, 3, 384, 128)
     assert first["caption_ids"].shape == first["mlm_ids"].shape == first["mlm_labels"].shape == (4, 77)
     assert first["caption_ids"].dtype == torch.long
@@ -640,10 +639,10 @@ def test_train_loader_random(toy_benchmarks, tokenizer):
 
 def test_train_loader_no_masking_by_default(toy_benchmarks, tokenizer):
     ds = build_dataset("ICFG-PEDES", toy_benchmarks.root)
-    loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_keys=set())
+    loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_fields=set())
     batch = next(iter(loader))
-    assert set(batch) == {"pids", "image_ids", "images", "caption_ids", "skipped"}
-    loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_keys={"mlm_ids"})
+    assert set(batch) == {"pids", "image_ids", "images", "caption_ids", "replaced"}
+    loader = build_train_loader(_cfg(batch_size=3), ds, tokenizer, batch_fields={"mlm_ids"})
     assert "mlm_labels" in next(iter(loader))
 
 
@@ -651,7 +650,7 @@ def test_train_loader_identity_sampler(toy_benchmarks, tokenizer):
     ds = build_dataset("CUHK-PEDES", toy_benchmarks.root)
     _seed(0)
     cfg = _cfg(batch_size=4, sampler="identity", num_instance=2)
-    loader = build_train_loader(cfg, ds, tokenizer, batch_keys=set())
+    loader = build_train_loader(cfg, ds, tokenizer, batch_fields=set())
     batches = list(loader)
     assert batches
     for b in batches:
@@ -663,18 +662,31 @@ def test_train_loader_identity_sampler(toy_benchmarks, tokenizer):
 def test_eval_loaders(toy_benchmarks, tokenizer):
     ds = build_dataset("CUHK-PEDES", toy_benchmarks.root)
     img_loader, txt_loader = build_eval_loaders(_cfg(test_batch_size=3), ds, tokenizer)
-    pids, images, bad = zip(*img_loader)
+    index, pids, images, bad = zip(*img_loader)
     assert all(b == [] for b in bad)
+    assert torch.cat(index).tolist() == list(range(4))
     pids = torch.cat(pids)
     images = torch.cat(images)
     assert pids.tolist() == ds.test.image_pids
     assert images.shape == (4, 3, 384, 128)
-    t_pids, ids = zip(*[(p, x) for p, x in txt_loader])
+    t_pids, ids = zip(*[(p, x) for _, p, x in txt_loader])
     assert torch.cat(t_pids).tolist() == ds.test.caption_pids
     ids = torch.cat(ids)
     assert ids.shape == (8, 77)
     for row, caption in zip(ids, ds.test.captions):
         assert torch.equal(row, tokenize(caption, tokenizer))
     # deterministic: a second pass gives the same images
-    again = torch.cat([x for _, x, _ in img_loader])
+    again = torch.cat([x for _, _, x, _ in img_loader])
     assert torch.equal(images, again)
+
+
+@pytest.mark.parametrize("length, batch, world", [(16, 5, 2), (16, 20, 2), (33, 4, 3), (0, 4, 2)])
+def test_sharded_eval_batches_split_one_pass_between_processes(length, batch, world):
+    """Each process gets whole batches of the single-process pass (batch b to process b % world)."""
+    single = list(ShardedBatchSampler(length, batch))
+    assert [i for b in single for i in b] == list(range(length)) and all(len(b) <= batch for b in single)
+    shares = [list(ShardedBatchSampler(length, batch, rank, world)) for rank in range(world)]
+    assert [len(s) for s in shares] == [len(ShardedBatchSampler(length, batch, r, world)) for r in range(world)]
+    for b, expected in enumerate(single):
+        assert shares[b % world][b // world] == expected
+    assert sum(len(s) for s in shares) == len(single)

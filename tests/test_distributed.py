@@ -1,10 +1,12 @@
-"""DDP on CPU (gloo): the global-batch losses and gradients equal one process's; torchrun training."""
+"""DDP on CPU (gloo): the global-batch losses and gradients equal one process's; torchrun training
+(with an unreadable image) and evaluation (split across processes, equal to one process)."""
 from __future__ import annotations
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from ddp_reference import fixed_batch, fixed_patch_order, tiny_config
 from model.build import build_model
 from test_end_to_end import REPO, TINY
 from datasets.toy import generate_toy_dataset
+import train as train_entry
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,3 +53,54 @@ def test_torchrun_trains_the_demo_config(tmp_path):
     assert sorted(p.name for p in run_dir.iterdir() if p.suffix in (".pth", ".json", ".yaml")) == \
         ["best.pth", "configs.yaml", "last.pth", "results.json"]
     assert len(torch.load(run_dir / "last.pth", weights_only=False)["rng"]) == 2  # one RNG state per rank
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def _one_and_two_processes(script: str, run_dir: Path, out: Path, *flags: str) -> tuple[dict, dict]:
+    """results.json of ``script`` on the run, from one process and from two (torchrun)."""
+    args = ["--config_file", str(run_dir / "configs.yaml"), "--save_features", *flags]
+    _run([sys.executable, script, *args, "--output_dir", str(out / "one")])
+    _run([*TORCHRUN, script, *args, "--output_dir", str(out / "two")])
+    one, two = (json.loads((out / n / "results.json").read_text()) for n in ("one", "two"))
+    f1, f2 = (torch.load(out / n / "features.pt") for n in ("one", "two"))
+    assert f1.keys() == f2.keys() and all(torch.equal(f1[k], f2[k]) for k in f1)
+    return one, two
+
+
+def test_torchrun_test_py_writes_the_numbers_of_one_process(toy_root, tmp_path):
+    run_dir = tmp_path / "run"
+    train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(toy_root),
+                      "--output_dir", str(run_dir), "--num_epoch", "1", "--loss_names", "sdm+id"])
+    # 16 images in one batch of 20 (the second process encodes none), 32 captions in two batches
+    one, two = _one_and_two_processes("test.py", run_dir, tmp_path, "--test_batch_size", "20")
+    assert one == two and list(one) == ["t2i", "i2t"]
+
+
+def test_torchrun_evaluation_with_feature_sets_and_a_reranker_equals_one_process(toy_root, tmp_path, custom):
+    run_dir = tmp_path / "run"
+    train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(toy_root),
+                      "--output_dir", str(run_dir), "--num_epoch", "1", "--loss_names", "sdm+test_mean+test_rerank",
+                      "--rerank_k", "5", "--test_mean_weight", "2"])
+    # batches of 5: images 4 batches (2 per process), captions 7 (4 and 3)
+    one, two = _one_and_two_processes("tests/eval_worker.py", run_dir, tmp_path, "--test_batch_size", "5")
+    assert one == two
+    assert list(one) == ["t2i", "t2i_global", "t2i_mean", "t2i_rerank", "i2t"]
+    assert one["t2i_rerank"] != one["t2i"]
+
+
+def test_two_process_training_survives_a_zero_byte_jpeg(toy_root, tmp_path):
+    root = tmp_path / "data"
+    generate_toy_dataset(root, num_train_ids=16, num_val_ids=2, num_test_ids=8, image_size=(48, 24))
+    bad = root / "CUHK-PEDES/imgs/toy/0003_01.jpg"
+    bad.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    proc = _run([*TORCHRUN, "train.py", "--config_file", "configs/demo.yaml", *TINY, "--root_dir", str(root),
+                 "--output_dir", str(run_dir), "--num_epoch", "1"])
+    assert f"(image {bad}) replaced by sample" in proc.stdout + proc.stderr
+    assert "epoch 1: replaced 2 samples whose image could not be read" in (run_dir / "train_log.txt").read_text()
+    assert set(json.loads((run_dir / "results.json").read_text())) == {"t2i", "i2t", "epoch"}

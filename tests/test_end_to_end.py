@@ -77,7 +77,7 @@ def test_tensorboard_logs_every_loss(trained_run):
 
 
 def test_uit_training_logs_its_losses_and_restores(toy_root, tmp_path):
-    """UIT's heads and data options end to end (uit.md section 7 of the issue): all four losses
+    """UIT's heads and data options end to end: all four losses
     logged and finite, the TIR loss falls, and evaluation of the run needs none of the heads."""
     train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(toy_root),
                       "--output_dir", str(tmp_path), "--loss_names", "sdm+id+tir+cmt", "--num_epoch", "3",

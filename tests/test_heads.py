@@ -1,4 +1,4 @@
-"""Head registry, the model's forward over all heads and the IRR/MLM head (spec 5.6-5.8, V8)."""
+"""Head registry, the model's forward over all heads and the IRR/MLM head (IRRA, anosorae/IRRA @ cfc2378, model/build.py and model/objectives.py)."""
 
 import pytest
 import torch
@@ -96,10 +96,10 @@ def test_build_model_creates_exactly_the_named_heads():
     torch.manual_seed(0)
     model = build_model(make_cfg(loss_names="sdm+itc"), 3)
     assert list(model.heads.keys()) == ["sdm", "itc"]
-    assert model.required_batch_keys() == set()
+    assert model.required_fields() == set()
     model = build_model(make_cfg(loss_names="mlm+sdm"), 3)
     assert set(model.heads.keys()) == {"mlm", "sdm"}
-    assert model.required_batch_keys() == {"mlm_ids", "mlm_labels"}
+    assert model.required_fields() == {"mlm_ids", "mlm_labels"}
 
 
 # ---------------------------------------------------------------- full model forward
@@ -124,13 +124,19 @@ def test_forward_outputs_all_losses_finite(full):
 def test_encoder_shapes(full):
     model, batch = full
     enc = model.encode(batch)
-    assert enc.image_tokens.shape == (4, 1 + 4 * 2, 64)
-    assert enc.text_tokens.shape == (4, 77, 64)
-    assert enc.image_global.dtype == torch.float32 and enc.image_global.shape == (4, 64)
+    assert enc.image.tokens.shape == (4, 1 + 4 * 2, 64)
+    assert enc.text.tokens.shape == (4, 77, 64)
+    assert enc.image.global_feature.dtype == torch.float32 and enc.image.global_feature.shape == (4, 64)
     # global text feature = EOT token (argmax of the ids)
     eot = batch["caption_ids"].argmax(dim=1)
-    assert torch.equal(enc.text_global, enc.text_tokens[torch.arange(4), eot])
-    assert torch.equal(enc.image_global, enc.image_tokens[:, 0])
+    assert torch.equal(enc.text.eot_index, eot)
+    assert torch.equal(enc.text.global_feature, enc.text.tokens[torch.arange(4), eot])
+    assert torch.equal(enc.image.global_feature, enc.image.tokens[:, 0])
+    # the tokens before the projection are public too: projected, they are the tokens
+    assert enc.image.hidden.shape == (4, 1 + 4 * 2, 64) and enc.text.hidden.shape == (4, 77, 64)
+    torch.testing.assert_close(enc.image.hidden @ model.encoder.visual.proj, enc.image.tokens)
+    torch.testing.assert_close(enc.text.hidden @ model.encoder.text_projection, enc.text.tokens)
+    torch.testing.assert_close(model.encoder.encode_image(batch["images"]), enc.image.tokens)
 
 
 def _nonzero_grad(p):
@@ -228,7 +234,7 @@ def test_mlm_loss_equals_full_logits_reference(full):
     enc = model.encode(batch)
     res = head(batch, enc, model.encoder)
     text_tokens = model.encoder.encode_text(batch["mlm_ids"])
-    ref_loss, ref_acc, logits = _reference_mlm(head, text_tokens, enc.image_tokens, batch["mlm_labels"])
+    ref_loss, ref_acc, logits = _reference_mlm(head, text_tokens, enc.image.tokens, batch["mlm_labels"])
     assert logits.shape == (4 * 77, 49408)
     assert res["mlm_loss"].item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert res["mlm_acc"].item() == pytest.approx(ref_acc.item())
@@ -236,7 +242,7 @@ def test_mlm_loss_equals_full_logits_reference(full):
     unlabelled = (batch["mlm_labels"].reshape(-1) == 0)
     g = torch.Generator().manual_seed(7)
     noise = torch.randn(logits.shape, generator=g) * 10 * unlabelled[:, None]
-    perturbed, _, _ = _reference_mlm(head, text_tokens, enc.image_tokens, batch["mlm_labels"], noise)
+    perturbed, _, _ = _reference_mlm(head, text_tokens, enc.image.tokens, batch["mlm_labels"], noise)
     assert perturbed.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     assert res["mlm_loss"].item() == pytest.approx(perturbed.item(), rel=1e-5)
 
@@ -270,9 +276,9 @@ def test_mlm_uses_mlm_ids_not_caption_ids(full):
     head = model.heads.mlm
     enc = model.encode(batch)
     res = head(batch, enc, model.encoder)
-    with_masked = _reference_mlm(head, model.encoder.encode_text(batch["mlm_ids"]), enc.image_tokens,
+    with_masked = _reference_mlm(head, model.encoder.encode_text(batch["mlm_ids"]), enc.image.tokens,
                                  batch["mlm_labels"])[0]
-    with_clean = _reference_mlm(head, enc.text_tokens, enc.image_tokens, batch["mlm_labels"])[0]
+    with_clean = _reference_mlm(head, enc.text.tokens, enc.image.tokens, batch["mlm_labels"])[0]
     assert abs(with_masked.item() - with_clean.item()) > 1e-4
     assert res["mlm_loss"].item() == pytest.approx(with_masked.item(), rel=1e-5)
 
@@ -287,7 +293,7 @@ def test_aliased_caption_reuse_equals_fresh_text_pass():
     enc = model.encode(batch)
     res = head(batch, enc, model.encoder)
     fresh = model.encoder.encode_text(batch["mlm_ids"].clone())
-    ref_loss, ref_acc, _ = _reference_mlm(head, fresh, enc.image_tokens, batch["mlm_labels"])
+    ref_loss, ref_acc, _ = _reference_mlm(head, fresh, enc.image.tokens, batch["mlm_labels"])
     assert res["mlm_loss"].item() == pytest.approx(ref_loss.item(), rel=1e-6)
     assert res["mlm_acc"].item() == pytest.approx(ref_acc.item())
     # and the same result through a separate (non-aliased) copy of the same ids

@@ -14,7 +14,7 @@ from datasets.build import build_eval_loaders, build_train_loader
 from datasets.cache import DecodedImageCache
 from datasets.toy import generate_toy_dataset
 from test_end_to_end import REPO, TINY
-from utils.options import DEFAULTS
+from utils.options import defaults
 from utils.simple_tokenizer import SimpleTokenizer
 
 
@@ -26,7 +26,7 @@ def toy(tmp_path):
 
 
 def _cfg(**overrides):
-    return SimpleNamespace(**{**DEFAULTS, "img_size": [48, 24], "num_workers": 0, "test_batch_size": 4,
+    return SimpleNamespace(**{**defaults(), "img_size": [48, 24], "num_workers": 0, "test_batch_size": 4,
                               "batch_size": 4, **overrides})
 
 
@@ -35,7 +35,7 @@ def test_cached_and_uncached_pipelines_give_the_same_tensors(toy):
     tokenizer = SimpleTokenizer()
     plain, _ = build_eval_loaders(_cfg(), dataset, tokenizer)
     cached, _ = build_eval_loaders(_cfg(image_cache=True), dataset, tokenizer)
-    for (pa, xa, _), (pb, xb, _) in zip(plain, cached):
+    for (_, pa, xa, _), (_, pb, xb, _) in zip(plain, cached):
         assert torch.equal(pa, pb)
         assert xa.shape == xb.shape == (len(pa), 3, 48, 24)
         assert torch.allclose(xa, xb, atol=1e-6)

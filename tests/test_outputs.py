@@ -11,6 +11,7 @@ from PIL import Image
 
 import test as test_entry
 import train as train_entry
+import processor.evaluation
 import utils.metrics
 from datasets.toy import generate_toy_dataset
 from test_end_to_end import REPO, TINY
@@ -64,13 +65,13 @@ def test_collect_results_prints_a_markdown_table(run, tmp_path, capsys):
 
 def test_training_evaluates_with_the_retrieval_engine(run, tmp_path, monkeypatch):
     calls = []
-    engine = utils.metrics.retrieval_metrics
+    engine = processor.evaluation.first_stage
 
     def spy(q, g, qp, gp, **kwargs):
         calls.append((len(q), len(g)))
         return engine(q, g, qp, gp, **kwargs)
 
-    monkeypatch.setattr(utils.metrics, "retrieval_metrics", spy)
+    monkeypatch.setattr(processor.evaluation, "first_stage", spy)
     cfg = yaml.safe_load((run / "configs.yaml").read_text())
     train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", cfg["root_dir"],
                       "--output_dir", str(tmp_path / "r"), "--loss_names", "sdm", "--num_epoch", "2",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,13 +24,6 @@ from utils.iotools import save_checkpoint, set_seed
 from utils.options import build_parser, resolve
 
 RECIPE = [*TINY, "--loss_names", "sdm+mlm+id", "--img_aug", "--eval_period", "1"]
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    generate_toy_dataset(root, num_train_ids=16, num_val_ids=2, num_test_ids=8, image_size=(48, 24))
-    return root
 
 
 def _args(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
@@ -194,15 +188,19 @@ def _corrupt(path: Path) -> None:
     path.write_bytes(b"this is not a jpeg")
 
 
-def test_unreadable_training_image_is_skipped_and_counted(toy_root, tmp_path, caplog):
+def test_unreadable_training_image_is_replaced_by_its_identity_and_counted(toy_root, tmp_path, caplog):
     root = tmp_path / "data"
     generate_toy_dataset(root, num_train_ids=16, num_val_ids=2, num_test_ids=8, image_size=(48, 24))
     bad = root / "CUHK-PEDES/imgs/toy/0001_00.jpg"
     _corrupt(bad)
     train_entry.main(_args(root, tmp_path / "run", "--num_epoch", "1"))
     messages = [r.getMessage() for r in caplog.records]
-    assert sum(m.startswith(f"cannot read image {bad}") for m in messages) == 2  # two captions
-    assert "epoch 1: skipped 2 unreadable training images" in messages
+    assert sum(m.startswith(f"cannot read image {bad}") for m in messages) == 1  # read once per process
+    replaced = [m for m in messages if f"(image {bad}) replaced by sample" in m]
+    assert len(replaced) == 2  # its two captions, each by a sample of the same identity
+    identities = [re.search(r"\(identity (\d+) -> (\d+)\)$", m).groups() for m in replaced]
+    assert all(before == after for before, after in identities)
+    assert "epoch 1: replaced 2 samples whose image could not be read" in messages
 
 
 def test_unreadable_gallery_image_stops_evaluation_unless_skipped(tmp_path, capsys):

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from utils import rank_kernels
-from utils.metrics import (Evaluator, ReRanker, count_before_torch, rank, reranked_retrieval_metrics,
-                           retrieval_metrics)
+from utils.metrics import (ReRanker, RerankStats, count_before_torch, rank,
+                           reranked_retrieval_metrics, retrieval_metrics)
 
 TOPK = (1, 5, 10)
 TOL = 1e-6
@@ -335,7 +335,7 @@ def test_rerank_k_larger_than_gallery():
     assert_metrics_equal(second, reference_from_orders(stable_orders(new_scores), qp, gp)[0])
 
 
-def test_rerank_score_fn_gets_global_query_indices():
+def test_rerank_score_fn_gets_global_query_indices_in_pair_batches():
     q, g, qp, gp = make_problem(seed=23, num_q=50, num_g=80, num_ids=20)
     k, calls = 6, []
 
@@ -343,11 +343,10 @@ def test_rerank_score_fn_gets_global_query_indices():
         calls.append((qi.clone(), gi.clone()))
         return torch.zeros(gi.shape)
 
-    reranked_retrieval_metrics(q, g, qp, gp, ReRanker(k, score_fn), chunk_size=3)
-    assert len(calls) == 17  # ceil(50 / 3)
+    reranked_retrieval_metrics(q, g, qp, gp, ReRanker(k, score_fn), chunk_size=3, pair_batch=20)
+    assert len(calls) == 17  # 20 pairs per call: 3 whole queries of 6 candidates; ceil(50 / 3)
     seen = torch.cat([qi for qi, _ in calls])
-    assert sorted(seen.tolist()) == list(range(50))
-    assert seen.tolist() == list(range(50))  # in chunk order, too
+    assert seen.tolist() == list(range(50))  # every query once, in order
     orders = stable_orders(q @ g.t())
     for qi, gi in calls:
         assert qi.dtype == torch.int64 and qi.ndim == 1 and 1 <= len(qi) <= 3
@@ -356,32 +355,30 @@ def test_rerank_score_fn_gets_global_query_indices():
             assert torch.equal(row, orders[i][:k])
 
 
-# ---------------------------------------------------------------- 7. Evaluator
-def test_evaluator_blocks_from_features():
-    q, g, qp, gp = make_problem(seed=24, num_q=120, num_ids=50, per_id=(2, 5))
-    features = {"text_feats": q, "text_pids": qp, "image_feats": g, "image_pids": gp}
-    gen = torch.Generator().manual_seed(3)
-    new_scores = torch.rand(len(q), len(g), generator=gen)
-    reranker = ReRanker(10, lambda qi, gi: new_scores[qi[:, None], gi])
-    keys = {"R1", "R5", "R10", "mAP", "mINP"}
+def test_rerank_combine_gets_whole_matrix_ranges():
+    """``combine`` sees the second-stage scores, the first-stage scores of the same top k and the
+    ranges over every query (first stage: the whole query x gallery matrix)."""
+    q, g, qp, gp = make_problem(seed=27, num_q=40, num_g=60, num_ids=15)
+    gen = torch.Generator().manual_seed(8)
+    new_scores = torch.randn(len(q), len(g), generator=gen)
+    seen = {}
 
-    results = Evaluator(None, None, reranker).eval(model=None, device="cpu", features=features)
-    assert list(results) == ["t2i", "t2i_rerank", "i2t"]
-    for block in results.values():
-        assert set(block) == keys
-    first, second = reranked_retrieval_metrics(q, g, qp, gp, reranker)
-    assert_metrics_equal(results["t2i"], first)
-    assert_metrics_equal(results["t2i_rerank"], second)
-    assert_metrics_equal(results["t2i"], reference(q, g, qp, gp)[0])
-    i2t = retrieval_metrics(g, q, gp, qp)
-    assert_metrics_equal(results["i2t"], i2t)
-    assert_metrics_equal(results["i2t"], reference(g, q, gp, qp)[0])
-    assert results["t2i_rerank"] != results["t2i"]
+    def combine(second, first, stats):
+        seen.update(second=second, first=first, stats=stats)
+        return -first  # reverse the first-stage order inside the top k
 
-    plain = Evaluator(None, None).eval(model=None, device="cpu", features=features)
-    assert list(plain) == ["t2i", "i2t"]
-    assert_metrics_equal(plain["t2i"], results["t2i"])
-    assert_metrics_equal(plain["i2t"], i2t)
+    k = 4
+    _, second = reranked_retrieval_metrics(q, g, qp, gp, ReRanker(k, lambda qi, gi: new_scores[qi[:, None], gi],
+                                                                  combine), chunk_size=7)
+    scores = q @ g.t()
+    orders = stable_orders(scores)
+    top = torch.stack([o[:k] for o in orders])
+    assert torch.equal(seen["second"], new_scores.gather(1, top))
+    assert torch.equal(seen["first"], scores.gather(1, top))
+    assert seen["stats"] == RerankStats(float(scores.min()), float(scores.max()), float(seen["second"].min()),
+                                        float(seen["second"].max()))
+    reversed_orders = [torch.cat([o[:k].flip(0), o[k:]]) for o in orders]
+    assert_metrics_equal(second, reference_from_orders(reversed_orders, qp, gp)[0])
 
 
 # ---------------------------------------------------------------- 8. device

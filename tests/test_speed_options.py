@@ -2,6 +2,7 @@
 accumulation leave the gradients unchanged."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -50,17 +51,21 @@ def test_attention_equals_torch_multihead_attention_with_the_same_weights():
 
 
 class _Loader(list):
+    """Batches as the training loader yields them (with the ``replaced`` count)."""
     sampler = None
 
+    def __init__(self, batches):
+        super().__init__({**batch, "replaced": torch.zeros(len(batch["pids"]))} for batch in batches)
 
-def _train_one_epoch(amp: str, accum_steps: int = 1, batches=None):
+
+def _train_one_epoch(amp: str, accum_steps: int = 1, batches=None, wrap=None):
     torch.manual_seed(0)
     model = build_model(tiny_config(), num_classes=6)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    trainer = EpochTrainer(model, optimizer, torch.device("cpu"), 100, 10, amp, accum_steps)
+    trainer = EpochTrainer(wrap(model) if wrap else model, optimizer, torch.device("cpu"), 100, 10, amp, accum_steps)
     stats = trainer.run(_Loader(batches or [fixed_batch(), fixed_batch()]), epoch=1)
-    return model, before, stats, trainer
+    return model, before, stats, trainer.step
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
@@ -124,6 +129,36 @@ def test_accum_steps_steps_the_optimizer_every_n_batches():
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 2
     *_, trainer = _train_one_epoch("off", accum_steps=3, batches=[fixed_batch()] * 4)
     assert trainer.optimizer.state_dict()["state"][0]["step"].item() == 2  # 3 + the last partial one
+
+
+class _NoSyncSpy(torch.nn.Module):
+    """Stands in for the DDP wrapper: records, per forward, whether gradient sync was suspended."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module, self.suspended, self.log = module, False, []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.suspended = True
+        yield
+        self.suspended = False
+
+    def forward(self, batch):
+        self.log.append(self.suspended)
+        return self.module(batch)
+
+
+def test_accumulation_syncs_gradients_only_on_the_micro_batch_that_steps():
+    spy = {}
+
+    def wrap(model):
+        spy["module"] = _NoSyncSpy(model)
+        return spy["module"]
+
+    _train_one_epoch("off", accum_steps=3, batches=[fixed_batch()] * 5, wrap=wrap)
+    # steps after batches 3 and 5 (the last, partial group): only those all-reduce
+    assert spy["module"].log == [True, True, False, True, False]
 
 
 def test_compiled_towers_give_the_same_loss_and_keys():

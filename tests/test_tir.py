@@ -1,4 +1,6 @@
-"""TIR head (UIT text-guided image restoration) against uit.md's checks V1-V7, V11 and V12."""
+"""TIR head (UIT text-guided image restoration), checked against SEN (Delong-liu-bupt/SEN @ 3d887c1):
+random_masking in model/clip_model.py, model/pos_embed.py, and cross_former_mae, forward_loss and
+rgb_to_weighted_grayscale in model/build.py."""
 from __future__ import annotations
 
 import math
@@ -39,7 +41,7 @@ def sen_head() -> TIRHead:
 
 
 # ----------------------------------------------------------------------------------------------
-# V1: masking counts and shapes
+# Masking counts and shapes (SEN random_masking, with its off-by-one loss mask)
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("patches, ratio, keep, visible, mask_tokens, loss_patches", [
     (192, 0.7, 57, 56, 136, 135),
@@ -89,7 +91,7 @@ def test_masked_pass_shapes_and_order():
 
 
 # ----------------------------------------------------------------------------------------------
-# V2: only masked patches count
+# Only masked patches count in the loss (SEN forward_loss)
 # ----------------------------------------------------------------------------------------------
 TARGET = torch.tensor([[[1.0, 1, 1], [2, 2, 2], [0, 0, 3], [3, 0, 0]]])
 
@@ -117,7 +119,7 @@ def test_masked_mse_ignores_visible_patches():
 
 
 # ----------------------------------------------------------------------------------------------
-# V3: patchify layout; V4: position embedding; V7: grayscale
+# Patchify layout; fixed 2-D sin-cos position embedding (SEN model/pos_embed.py); grayscale
 # ----------------------------------------------------------------------------------------------
 def test_patchify_layout():
     ch, y, x = torch.meshgrid(torch.arange(3.0), torch.arange(384.0), torch.arange(128.0), indexing="ij")
@@ -186,7 +188,7 @@ def test_retrieval_branch_sees_colour(single_thread):
     batch = tiny_batch()
     images = batch["images"].clone()
     seen = []
-    model.heads["cmt"].register_forward_hook(lambda m, args, out: seen.append(args[1].image_global.clone()))
+    model.heads["cmt"].register_forward_hook(lambda m, args, out: seen.append(args[1].image.global_feature.clone()))
     for gray in (True, False):
         model.heads["tir"].gray = gray
         model(batch)
@@ -196,7 +198,7 @@ def test_retrieval_branch_sees_colour(single_thread):
 
 
 # ----------------------------------------------------------------------------------------------
-# V5: unshuffle; V6: decoder wiring and size
+# Unshuffle with mask tokens; decoder wiring (no residual after the text cross-attention) and size
 # ----------------------------------------------------------------------------------------------
 def test_unshuffle_puts_tokens_back(sen_head):
     batch, patches, dim = 2, 192, 512
@@ -270,7 +272,7 @@ def test_config_errors():
 
 
 # ----------------------------------------------------------------------------------------------
-# V10 (weights) and V11: gradient reach, inference invariance
+# Gradient reach, inference invariance, and the logged losses being the weighted terms
 # ----------------------------------------------------------------------------------------------
 def test_tir_gradients_reach_encoder_and_decoder(single_thread):
     torch.manual_seed(0)
@@ -317,7 +319,7 @@ def test_logged_losses_are_the_weighted_terms(single_thread):
 
 
 # ----------------------------------------------------------------------------------------------
-# V12: the losses fall on a repeated batch
+# Smoke test: the losses fall on a repeated batch
 # ----------------------------------------------------------------------------------------------
 def test_repeated_batch_smoke(single_thread):
     torch.manual_seed(0)

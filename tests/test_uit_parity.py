@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from model.build import TBPSModel, build_model
-from utils.options import DEFAULTS
+from utils.options import defaults
 
 from conftest import make_openai_checkpoint
 
@@ -24,7 +24,7 @@ PIDS = [0, 0, 1, 2, 3, 3, 4, 5]
 
 
 def parity_config(checkpoint: Path) -> SimpleNamespace:
-    return SimpleNamespace(**{**DEFAULTS, "pretrain_choice": str(checkpoint), "img_size": [384, 128],
+    return SimpleNamespace(**{**defaults(), "pretrain_choice": str(checkpoint), "img_size": [384, 128],
                               "stride_size": 16, "text_length": 77, "loss_names": "sdm+id+cmt+tir",
                               "cmt_loss_weight": 10.0, "tir_loss_weight": 10.0, "tir_mask_ratio": 0.7,
                               "tir_depth": 4, "temperature": 0.02})

@@ -1,5 +1,6 @@
 """UIT recipe pieces outside the heads: idrannum sampler, caption pruning/corruption in the dataset,
-parameter groups and schedule (uit.md V9, V10), the shipped configs."""
+parameter groups and schedule of SEN's released recipe (Delong-liu-bupt/SEN @ 3d887c1, run_SEN.sh,
+solver/build.py), the shipped configs."""
 from __future__ import annotations
 
 import os
@@ -59,10 +60,10 @@ def test_run_script_launches_the_three_configs(method):
 
 
 # ----------------------------------------------------------------------------------------------
-# V10: parameter groups by role and the schedule
+# Parameter groups by role and the schedule (SEN solver/, run_SEN.sh)
 # ----------------------------------------------------------------------------------------------
 def expected_lr_and_decay(name: str) -> tuple[float, float]:
-    """uit.md section 5, written out per parameter name of our model."""
+    """SEN's solver/build.py name-substring rules, written out per parameter name of our model."""
     bias = name.endswith("bias")
     if name.startswith("heads.id.classifier"):
         return 5e-5, 0.0 if bias else 4e-5
@@ -84,7 +85,8 @@ def test_parameter_groups_follow_sen_rules():
     for name, param in names.items():
         lr, wd = group_of[id(param)]
         assert (lr, wd) == pytest.approx(expected_lr_and_decay(name)), name
-    # the spec's named cases
+    # named cases: decoder blocks and cross-attention get 5e-5 (biases 2e-5); mask_token, decoder_embed,
+    # decoder_pred and norm_7 keep the base lr, as their SEN names contain no "cross"
     for name, lr in [("heads.tir.mask_token", 1e-5), ("heads.tir.decoder_embed.weight", 1e-5),
                      ("heads.tir.decoder_pred.weight", 1e-5), ("heads.tir.norm_7.weight", 1e-5),
                      ("heads.tir.decoder.resblocks.0.ln_1.weight", 5e-5),
@@ -125,7 +127,8 @@ def test_idrannum_draws_one_or_two_per_identity():
 
 def test_idrannum_batches_mix_pairs_and_singles():
     """CUHK-like index (3 captions per identity): about half the samples of a batch have a
-    same-identity partner (uit.md section 5), against almost none for a random shuffle."""
+    same-identity partner (simulated for SEN's idrannum sampler), against almost none for a random
+    shuffle."""
     pids = [p for p in range(3000) for _ in range(3)]
     sampler = RandomIdNumSampler(pids, batch_size=128, num_instances=2, seed=1)
     order = list(sampler)
@@ -165,7 +168,7 @@ def test_train_loader_uses_idrannum(toy_benchmarks, tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# V9: pruning and corruption as the dataset applies them
+# Pruning and corruption as the dataset applies them (SEN datasets/bases.py ImageTextMAEDataset)
 # ----------------------------------------------------------------------------------------------
 CAPTION = "A woman with long black hair is wearing a white shirt and blue jeans."
 
@@ -216,7 +219,7 @@ def test_pruned_caption_reaches_every_head(toy_benchmarks, tokenizer):
     cfg = tiny_model_config(text_prune_prob=1.0, batch_size=4, num_workers=0)
     loader = build_train_loader(cfg, dataset, tokenizer, set())
     batch = next(iter(loader))
-    assert set(batch) == {"skipped", "pids", "image_ids", "images", "caption_ids"}
+    assert set(batch) == {"replaced", "pids", "image_ids", "images", "caption_ids"}
     sample = loader.dataset[0]
     caption = dataset.train[0][3]
     assert torch.equal(sample["caption_ids"], tokenize(prune_caption(caption), tokenizer, 77))

@@ -6,8 +6,11 @@ data-loader images/s, printed as one JSON object (compare runs by diffing them).
         --vision_layers 12 --text_width 512 --text_layers 12 --embed_dim 512 --img_size 384 128 \\
         --vision_patch_size 16 --stride_size 16 --text_length 77 --batch_size 8 --steps 3
 
-Training is timed on batches already loaded (the model alone), after ``--warmup`` steps; the loader
-is timed on its own (``--cache`` builds/uses the decoded-image cache).
+Training is timed on batches already loaded (the model alone, through the training loop's own
+``TrainStep``), after ``--warmup`` steps; evaluation features/s time the evaluator's per-batch
+encoding (the heads' feature sets and re-ranking caches included), ``eval_seconds`` a whole
+``Evaluator.eval`` on the test split; the loader is timed on its own (``--image_cache`` builds/uses
+the decoded-image cache).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets import build_dataset  # noqa: E402
 from datasets.build import build_eval_loaders, build_train_loader  # noqa: E402
 from model.build import build_model  # noqa: E402
-from processor.processor import AMP_DTYPES, move_to  # noqa: E402
+from processor.evaluation import Evaluator  # noqa: E402
+from processor.train_step import TrainStep  # noqa: E402
 from solver.build import build_optimizer  # noqa: E402
 from utils.errors import run_cli  # noqa: E402
 from utils.iotools import resolve_device, set_seed  # noqa: E402
@@ -67,31 +71,22 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
     model = build_model(cfg, dataset.num_classes).to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
-    loader = build_train_loader(cfg, dataset, tokenizer, model.required_batch_keys(), torch.Generator())
+    loader = build_train_loader(cfg, dataset, tokenizer, model.required_fields(), torch.Generator())
 
     start = time.perf_counter()
     batches = [batch for batch in islice(iter(loader), loader_batches)]
     loader_seconds = time.perf_counter() - start
     images_loaded = sum(len(b["pids"]) for b in batches)
 
-    optimizer = build_optimizer(cfg, model)
-    amp = AMP_DTYPES.get(cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    train_step = TrainStep(model, build_optimizer(cfg, model), device, cfg.amp, max_nonfinite=steps + warmup + 1)
     model.train()
     state = {"i": 0}
 
     def step() -> None:
         batch = dict(batches[state["i"] % len(batches)])
-        batch.pop("skipped")
+        batch.pop("replaced")
         state["i"] += 1
-        batch = move_to(batch, device)
-        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            outputs = model(batch)
-            total = sum(v for k, v in outputs.items() if k.endswith("_loss"))
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        train_step(batch)
 
     timed(step, warmup, sync)
     step_times = timed(step, steps, sync)
@@ -99,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, "test")
     model.eval()
-    images = [images.to(device) for _, images, _ in img_loader]
-    texts = [ids.to(device) for _, ids in txt_loader]
-    with torch.no_grad():
-        image_seconds = sum(timed(lambda: [model.encode_image(x) for x in images], 1, sync))
-        text_seconds = sum(timed(lambda: [model.encode_text(x) for x in texts], 1, sync))
+    images = [images.to(device) for _, _, images, _ in img_loader]
+    texts = [ids.to(device) for _, _, ids in txt_loader]
+    retrieval = model.retrieval
+    image_seconds = sum(timed(lambda: [retrieval.encode_gallery(model.encoder, x) for x in images], 1, sync))
+    text_seconds = sum(timed(lambda: [retrieval.encode_queries(model.encoder, x) for x in texts], 1, sync))
+    evaluator = Evaluator(img_loader, txt_loader, pair_batch=cfg.test_batch_size)
+    eval_seconds = sum(timed(lambda: evaluator.eval(model, device), 1, sync))
     result = {
         "config": {k: getattr(cfg, k) for k in ("dataset_name", "loss_names", "batch_size", "img_size", "amp",
                                                  "vision_width", "vision_layers", "text_width", "text_layers",
@@ -114,6 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         "peak_memory_mb": peak_memory_mb(device),
         "eval_image_features_per_second": sum(len(x) for x in images) / image_seconds,
         "eval_text_features_per_second": sum(len(x) for x in texts) / text_seconds,
+        "eval_seconds": eval_seconds,
         "loader_images_per_second": images_loaded / loader_seconds,
     }
     print(json.dumps(result, indent=1))

@@ -48,16 +48,19 @@ def gather_rng_states(generator: torch.Generator) -> list[dict[str, Any]]:
 
 
 def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict,
-                        rng_states: list[dict[str, Any]], scaler: torch.amp.GradScaler) -> None:
-    """Atomically write everything needed to continue after ``epoch`` (``last.pth``)."""
+                        rng_states: list[dict[str, Any]], scaler: torch.amp.GradScaler,
+                        head_states: dict[str, dict] | None = None) -> None:
+    """Atomically write everything needed to continue after ``epoch`` (``last.pth``), including the
+    heads' per-epoch state (``Head.training_state``)."""
     save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best": best, "rng": rng_states}, path)
+                     "best": best, "rng": rng_states, "heads": head_states or {}}, path)
 
 
 def load_training_state(path: Path, model, optimizer, scheduler,
                         generator: torch.Generator) -> tuple[int, dict, dict]:
-    """Restore a ``last.pth``; returns (last completed epoch, best results so far, grad-scaler state)."""
+    """Restore a ``last.pth`` (the heads' per-epoch state too); returns (last completed epoch, best
+    results so far, grad-scaler state)."""
     if not path.is_file():
         raise ResumeError(f"cannot resume: no checkpoint at {path} (train without --resume, or pass "
                           f"--resume_ckpt_file PATH)")
@@ -66,6 +69,8 @@ def load_training_state(path: Path, model, optimizer, scheduler,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        for name, head_state in state.get("heads", {}).items():
+            model.heads[name].load_training_state(head_state)
     except Exception as err:  # unpickling and state-dict mismatches come in many types
         raise ResumeError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
     if len(state["rng"]) == get_world_size():

@@ -74,3 +74,75 @@ def all_ranks_true(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1 if flag else 0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+def _comm_device() -> torch.device:
+    """NCCL moves CUDA tensors only; gloo moves CPU tensors."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows (dim 0, any number per rank) concatenated in rank order, on ``tensor``'s
+    device; the other dimensions and the dtype must agree."""
+    if not is_distributed():
+        return tensor
+    device = _comm_device()
+    local = tensor.to(device)
+    counts = all_gather_no_grad(torch.tensor([len(local)], device=device)).tolist()
+    if not max(counts):
+        return tensor
+    padded = local.new_zeros((max(counts), *local.shape[1:]))
+    padded[:len(local)] = local
+    parts = all_gather_no_grad(padded).split(max(counts))
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(tensor.device)
+
+
+def broadcast_tensor(tensor: torch.Tensor | None, src: int, like_device: torch.device) -> torch.Tensor:
+    """``tensor`` of rank ``src`` on every rank (others pass None), placed on ``like_device``."""
+    if not is_distributed():
+        return tensor.to(like_device)
+    shape, dtype = broadcast_object((tuple(tensor.shape), tensor.dtype) if get_rank() == src else None, src)
+    device = _comm_device()
+    buffer = tensor.to(device) if get_rank() == src else torch.empty(shape, dtype=dtype, device=device)
+    if buffer.numel():
+        dist.broadcast(buffer, src=src)
+    return buffer.to(like_device)
+
+
+def broadcast_object(obj, src: int):
+    """Rank ``src``'s picklable ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_range(low: float, high: float) -> tuple[float, float]:
+    """(min of ``low``, max of ``high``) over all ranks."""
+    if not is_distributed():
+        return low, high
+    device = _comm_device()
+    values = torch.tensor([low, -high], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return float(values[0]), -float(values[1])
+
+
+def all_reduce_sum(value: int, device: torch.device) -> int:
+    """``value`` summed over all ranks."""
+    if not is_distributed():
+        return value
+    total = torch.tensor([value], device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's picklable ``obj``, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

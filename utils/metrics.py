@@ -6,36 +6,51 @@ matches at 1-based ranks r_1 < ... < r_|P|:
   CMC@k = 1[r_1 <= k],  AP = (1/|P|) sum_m m / r_m,  INP = |P| / r_|P|   (percentages, averaged).
 The rank of a match is one plus the number of gallery items ranked before it, so the engine
 never sorts: scores are computed from the features one query chunk at a time and each chunk is
-reduced to the ranks of its matches. Queries whose identity has no gallery item are excluded and
-counted. Runs on the features' device.
+reduced to the ranks of its matches (a [Q, P] table). The metrics are a function of that table
+alone (one float64 sum over all queries), so any split of the queries into chunks or processes
+gives the same numbers. Queries whose identity has no gallery item are excluded and counted. Runs on the
+features' device.
 """
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from prettytable import PrettyTable
 
-from .errors import UserError
 from .rank_kernels import count_ranked_before
 
 logger = logging.getLogger(__name__)
 
 CHUNK_ELEMENTS = 1 << 26  # scores held at once (256 MB in fp32)
+TOPK = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class RerankStats:
+    """Ranges over every query of an evaluation: the first-stage scores of the whole query x gallery
+    matrix and the second-stage scores of every re-scored pair (some re-rankers normalise by them)."""
+    first_min: float
+    first_max: float
+    second_min: float
+    second_max: float
 
 
 @dataclass
 class ReRanker:
     """Second stage: re-scores the first-stage top ``k`` gallery items of each query.
 
-    ``score(query_index [c], gallery_index [c, k]) -> [c, k]``; higher is better. The re-scored
-    items are re-ordered among themselves; items beyond the top k keep their first-stage rank.
+    ``score(query_index [c], gallery_index [c, k]) -> [c, k]``; ``combine(second [Q, k], first [Q, k],
+    stats) -> [Q, k]`` turns them into the final scores (default: the second-stage scores). Higher
+    is better; the re-scored items are re-ordered among themselves (ties keep the first-stage
+    order) and items beyond the top k keep their first-stage rank.
     """
     k: int
     score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    combine: Callable[[torch.Tensor, torch.Tensor, RerankStats], torch.Tensor] | None = None
 
 
 def _match_table(query_pids: torch.Tensor, gallery_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,38 +90,40 @@ def _count_before(scores: torch.Tensor, positions: torch.Tensor, num: torch.Tens
                                                 positions.numpy(), num.numpy()))
 
 
-class _Accumulator:
-    """Sums CMC@k, AP and INP over chunks of match ranks."""
+def metrics_from_ranks(ranks: torch.Tensor, num: torch.Tensor, topk: tuple[int, ...] = TOPK) -> dict[str, float]:
+    """R<k>, mAP and mINP (percentages) from the 1-based ranks of each query's matches [Q, P]
+    (entries beyond ``num`` [Q] ignored); queries with ``num`` 0 are excluded (and counted).
+    Sums are exact (``math.fsum``), so the result depends on the table only."""
+    keep = num > 0
+    excluded = int((~keep).sum())
+    if excluded:
+        logger.warning("%d queries have no true match in the gallery and are excluded", excluded)
+    ranks, num = ranks[keep].double().cpu(), num[keep].cpu()
+    if not len(num):
+        raise ValueError("no query has a true match in the gallery")
+    slot = torch.arange(ranks.shape[1])
+    ranks = ranks.masked_fill(slot >= num[:, None], float("inf")).sort(dim=1).values
+    first = ranks[:, 0]
+    ap = ((slot + 1) / ranks).sum(1) / num
+    inp = num / ranks.gather(1, (num - 1)[:, None]).squeeze(1)
+    valid = len(num)
+    out = {f"R{k}": int((first <= k).sum()) * 100 / valid for k in topk}
+    out.update(mAP=float(ap.sum()) * 100 / valid, mINP=float(inp.sum()) * 100 / valid)
+    return out
 
-    def __init__(self, topk: tuple[int, ...]):
-        self.topk = topk
-        self.cmc = torch.zeros(len(topk), dtype=torch.float64)
-        self.ap = self.inp = 0.0
-        self.valid = self.excluded = 0
 
-    def add(self, ranks: torch.Tensor, num: torch.Tensor) -> None:
-        """``ranks`` [c, P] 1-based (entries beyond ``num`` ignored)."""
-        keep = num > 0
-        self.excluded += int((~keep).sum())
-        ranks, num = ranks[keep].double(), num[keep].to(ranks.device)
-        if not len(num):
-            return
-        slot = torch.arange(ranks.shape[1], device=ranks.device)
-        ranks = ranks.masked_fill(slot >= num[:, None], float("inf")).sort(dim=1).values
-        first = ranks[:, 0]
-        self.cmc += torch.stack([(first <= k).sum() for k in self.topk]).double().cpu()
-        self.ap += float(((slot + 1) / ranks).sum(1).div(num).sum())
-        self.inp += float((num / ranks.gather(1, (num - 1)[:, None]).squeeze(1)).sum())
-        self.valid += len(num)
-
-    def result(self) -> dict[str, float]:
-        if self.excluded:
-            logger.warning("%d queries have no true match in the gallery and are excluded", self.excluded)
-        if not self.valid:
-            raise ValueError("no query has a true match in the gallery")
-        out = {f"R{k}": float(v) * 100 / self.valid for k, v in zip(self.topk, self.cmc)}
-        out.update(mAP=self.ap * 100 / self.valid, mINP=self.inp * 100 / self.valid)
-        return out
+@dataclass
+class FirstStage:
+    """Per query: the ranks of its true matches [Q, P], their gallery indices [Q, P] and number [Q];
+    with ``keep`` > 0 also the top ``keep`` gallery indices and scores [Q, keep] and the range of
+    every score computed."""
+    ranks: torch.Tensor
+    positions: torch.Tensor
+    num: torch.Tensor
+    top: torch.Tensor | None = None
+    top_scores: torch.Tensor | None = None
+    low: float = math.inf
+    high: float = -math.inf
 
 
 def _score_chunks(query_feats: torch.Tensor, gallery_feats: torch.Tensor,
@@ -122,55 +139,88 @@ def _check_sizes(num_queries: int, num_gallery: int, query_pids: torch.Tensor, g
                          f"{len(query_pids)} query and {len(gallery_pids)} gallery pids")
 
 
-def _evaluate(chunks, query_pids, gallery_pids, topk, reranker: ReRanker | None):
-    table, num = _match_table(query_pids, gallery_pids)
-    first, second = _Accumulator(topk), _Accumulator(topk)
+def _first_stage(chunks, query_pids: torch.Tensor, gallery_pids: torch.Tensor, keep: int = 0) -> FirstStage:
+    positions, num = _match_table(query_pids, gallery_pids)
+    ranks, tops, top_scores = [], [], []
+    low, high = math.inf, -math.inf
     for start, scores in chunks:
-        positions = table[start:start + scores.shape[0]].to(scores.device)
+        where = positions[start:start + scores.shape[0]]
         count = num[start:start + scores.shape[0]]
-        before = _count_before(scores, positions, count)
-        ranks = before.to(count.device) + 1
-        first.add(ranks, count)
-        if reranker is not None:
-            second.add(_rerank(scores, start, positions, ranks.to(scores.device), reranker), count)
-    return first, second
+        ranks.append(_count_before(scores, where.to(scores.device), count).cpu() + 1)
+        if keep:
+            k = min(keep, scores.shape[1])
+            top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
+            tops.append(top.cpu())
+            top_scores.append(scores.gather(1, top).cpu())
+            if scores.numel():
+                low, high = min(low, float(scores.min())), max(high, float(scores.max()))
+    width = positions.shape[1]
+    stage = FirstStage(torch.cat(ranks) if ranks else torch.zeros(0, width, dtype=torch.long), positions, num)
+    if keep:
+        stage.top = torch.cat(tops) if tops else torch.zeros(0, 0, dtype=torch.long)
+        stage.top_scores = torch.cat(top_scores) if top_scores else torch.zeros(0, 0)
+        stage.low, stage.high = low, high
+    return stage
 
 
-def _rerank(scores: torch.Tensor, start: int, positions: torch.Tensor, ranks: torch.Tensor,
-            reranker: ReRanker) -> torch.Tensor:
-    """Match ranks after re-ordering each query's first-stage top k by the second-stage scores."""
-    k = min(reranker.k, scores.shape[1])
-    top = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    queries = torch.arange(start, start + scores.shape[0], device=scores.device)
-    new = reranker.score(queries, top).to(scores.device)
-    reordered = top.gather(1, torch.sort(new, dim=1, descending=True, stable=True).indices)
-    hit = reordered[:, None, :] == positions[:, :, None]  # [c, P, k]
-    in_top = hit.any(dim=2)
-    return torch.where(in_top, hit.float().argmax(dim=2) + 1, ranks).cpu()
+def first_stage(query_feats: torch.Tensor, gallery_feats: torch.Tensor, query_pids: torch.Tensor,
+                gallery_pids: torch.Tensor, *, keep: int = 0, chunk_size: int | None = None) -> FirstStage:
+    """The match ranks of every query ranking the gallery by ``q @ g.T`` (and its top ``keep``)."""
+    _check_sizes(len(query_feats), len(gallery_feats), query_pids, gallery_pids)
+    return _first_stage(_score_chunks(query_feats, gallery_feats, chunk_size), query_pids, gallery_pids, keep)
+
+
+def rescore(stage: FirstStage, reranker: ReRanker, queries: torch.Tensor, pair_batch: int = 4096) -> torch.Tensor:
+    """Second-stage scores [Q, k] of each query's first-stage top k, ``pair_batch`` pairs per call
+    of ``reranker.score`` (whole queries). ``queries`` are the queries' global indices."""
+    k = stage.top.shape[1]
+    rows = max(1, pair_batch // max(1, k))
+    parts = [reranker.score(queries[start:start + rows], stage.top[start:start + rows]).float().cpu()
+             for start in range(0, len(queries), rows)]
+    return torch.cat(parts) if parts else torch.zeros(0, k)
+
+
+def reranked_order(stage: FirstStage, final: torch.Tensor) -> torch.Tensor:
+    """Each query's top k re-ordered by ``final`` [Q, k] (descending; ties keep the first-stage order)."""
+    return stage.top.gather(1, torch.sort(final, dim=1, descending=True, stable=True).indices)
+
+
+def reranked_ranks(stage: FirstStage, order: torch.Tensor) -> torch.Tensor:
+    """Match ranks [Q, P] after re-ordering: a match within the top k takes its position in
+    ``order``; the others keep their first-stage rank (they were ranked beyond k already)."""
+    hit = order[:, None, :] == stage.positions[:, :, None]  # [Q, P, k]
+    return torch.where(hit.any(dim=2), hit.float().argmax(dim=2) + 1, stage.ranks)
+
+
+def local_stats(stage: FirstStage, second: torch.Tensor) -> RerankStats:
+    if second.numel():
+        return RerankStats(stage.low, stage.high, float(second.min()), float(second.max()))
+    return RerankStats(stage.low, stage.high, math.inf, -math.inf)
 
 
 def retrieval_metrics(query_feats: torch.Tensor, gallery_feats: torch.Tensor, query_pids: torch.Tensor,
-                      gallery_pids: torch.Tensor, *, topk: tuple[int, ...] = (1, 5, 10),
+                      gallery_pids: torch.Tensor, *, topk: tuple[int, ...] = TOPK,
                       chunk_size: int | None = None) -> dict[str, float]:
     """R<k> for k in ``topk``, mAP and mINP (percentages) ranking the gallery by ``q @ g.T``.
 
     Features are used as given (L2-normalise them for cosine similarity); scores are computed
     ``chunk_size`` queries at a time (default: about 2^26 scores per chunk).
     """
-    _check_sizes(len(query_feats), len(gallery_feats), query_pids, gallery_pids)
-    first, _ = _evaluate(_score_chunks(query_feats, gallery_feats, chunk_size), query_pids, gallery_pids,
-                         tuple(topk), None)
-    return first.result()
+    stage = first_stage(query_feats, gallery_feats, query_pids, gallery_pids, chunk_size=chunk_size)
+    return metrics_from_ranks(stage.ranks, stage.num, tuple(topk))
 
 
 def reranked_retrieval_metrics(query_feats, gallery_feats, query_pids, gallery_pids, reranker: ReRanker, *,
-                               topk: tuple[int, ...] = (1, 5, 10), chunk_size: int | None = None
-                               ) -> tuple[dict[str, float], dict[str, float]]:
+                               topk: tuple[int, ...] = TOPK, chunk_size: int | None = None,
+                               pair_batch: int = 4096) -> tuple[dict[str, float], dict[str, float]]:
     """(first-stage metrics, metrics after ``reranker`` re-orders each query's top k)."""
-    _check_sizes(len(query_feats), len(gallery_feats), query_pids, gallery_pids)
-    first, second = _evaluate(_score_chunks(query_feats, gallery_feats, chunk_size), query_pids,
-                              gallery_pids, tuple(topk), reranker)
-    return first.result(), second.result()
+    stage = first_stage(query_feats, gallery_feats, query_pids, gallery_pids, keep=reranker.k,
+                        chunk_size=chunk_size)
+    second = rescore(stage, reranker, torch.arange(len(query_feats)), pair_batch)
+    final = second if reranker.combine is None else reranker.combine(second, stage.top_scores,
+                                                                     local_stats(stage, second))
+    ranks = reranked_ranks(stage, reranked_order(stage, final))
+    return metrics_from_ranks(stage.ranks, stage.num, tuple(topk)), metrics_from_ranks(ranks, stage.num, tuple(topk))
 
 
 def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, max_rank: int = 10,
@@ -178,8 +228,9 @@ def rank(similarity: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, m
     """Metrics from a precomputed [Q, G] similarity: R1..R<max_rank>, mAP, mINP and ``excluded``."""
     _check_sizes(*similarity.shape, q_pids, g_pids)
     chunks = ((s, similarity[s:s + chunk_size]) for s in range(0, similarity.shape[0], chunk_size))
-    first, _ = _evaluate(chunks, q_pids, g_pids, tuple(range(1, max_rank + 1)), None)
-    return {**first.result(), "excluded": first.excluded}
+    stage = _first_stage(chunks, q_pids, g_pids)
+    return {**metrics_from_ranks(stage.ranks, stage.num, tuple(range(1, max_rank + 1))),
+            "excluded": int((stage.num == 0).sum())}
 
 
 def results_table(results: dict[str, dict[str, float]]) -> PrettyTable:
@@ -188,50 +239,3 @@ def results_table(results: dict[str, dict[str, float]]) -> PrettyTable:
     for task, r in results.items():
         table.add_row([task, r["R1"], r["R5"], r["R10"], r["mAP"], r["mINP"]])
     return table
-
-
-@torch.no_grad()
-def extract_features(model, img_loader, txt_loader, device, skip_bad_images: bool = False) -> dict[str, torch.Tensor]:
-    """L2-normalised query (text) and gallery (image) features with their pids.
-
-    An unreadable gallery image stops the evaluation naming it, unless ``skip_bad_images``
-    (then it is left out of the gallery, with a warning)."""
-    model.eval()
-    text, text_pids = [], []
-    for pid, ids in txt_loader:
-        text.append(model.encode_text(ids.to(device)))
-        text_pids.append(pid)
-    image, image_pids, skipped = [], [], 0
-    for pid, images, bad in img_loader:
-        if bad and not skip_bad_images:
-            raise UserError(f"cannot read gallery image {bad[0]} (pass --skip_bad_images to leave it out)")
-        skipped += len(bad)
-        if len(pid):
-            image.append(model.encode_image(images.to(device)))
-            image_pids.append(pid)
-    if skipped:
-        logger.warning("%d unreadable gallery images left out of the evaluation", skipped)
-    return {"text_feats": F.normalize(torch.cat(text), dim=1), "text_pids": torch.cat(text_pids).to(device),
-            "image_feats": F.normalize(torch.cat(image), dim=1), "image_pids": torch.cat(image_pids).to(device)}
-
-
-class Evaluator:
-    """t2i and i2t retrieval on fixed image/text loaders; ``t2i_rerank`` too with a ReRanker."""
-
-    def __init__(self, img_loader, txt_loader, reranker: ReRanker | None = None, skip_bad_images: bool = False):
-        self.img_loader = img_loader
-        self.txt_loader = txt_loader
-        self.reranker = reranker
-        self.skip_bad_images = skip_bad_images
-
-    def eval(self, model, device, features: dict[str, torch.Tensor] | None = None) -> dict[str, dict[str, float]]:
-        f = features or extract_features(model, self.img_loader, self.txt_loader, device, self.skip_bad_images)
-        text, image = (f["text_feats"], f["text_pids"]), (f["image_feats"], f["image_pids"])
-        results = {}
-        if self.reranker is None:
-            results["t2i"] = retrieval_metrics(text[0], image[0], text[1], image[1])
-        else:
-            results["t2i"], results["t2i_rerank"] = reranked_retrieval_metrics(
-                text[0], image[0], text[1], image[1], self.reranker)
-        results["i2t"] = retrieval_metrics(image[0], text[0], image[1], text[1])
-        return results

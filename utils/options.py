@@ -1,8 +1,10 @@
 """Configuration: defaults < YAML file (``--config_file``) < command-line flags.
 
-Every key is also a flag of the same name (IRRA's names, e.g. ``--loss_names``, ``--MLM``).
-Unknown YAML keys are an error that suggests the closest known key. A YAML file may name
-another one to start from with ``_base_`` (a path relative to the file).
+Every key is also a flag of the same name (IRRA's names, e.g. ``--loss_names``, ``--MLM``). The
+keys are ``Setting``s declared next to the code that reads them: the core options below, each
+head's ``settings`` (``model/heads/``), the batch-field builders and caption augmentations
+(``datasets/``). Unknown keys are an error that suggests the closest known key. A YAML file may
+name another one to start from with ``_base_`` (a path relative to the file).
 """
 from __future__ import annotations
 
@@ -15,144 +17,103 @@ from typing import Any
 
 import yaml
 
+import datasets.captions  # noqa: F401  (declares the caption augmentation settings)
+import datasets.fields  # noqa: F401  (declares the batch-field settings)
+from model.heads import HEADS, parse_loss_names
+
 from .errors import ConfigError
+from .settings import PROBABILITY, Setting, declare, declared
 
-DEFAULTS: dict[str, Any] = {
+S = Setting
+CORE = (
     # run
-    "name": "baseline",
-    "output_dir": "",          # the run directory itself; empty: logs/<dataset>/<time>_<name>
-    "log_period": 100,
-    "eval_period": 1,
-    "val_dataset": "test",     # split used for per-epoch evaluation and model selection
-    "resume": False,           # continue from RUN_DIR/last.pth (output_dir is the run directory)
-    "resume_ckpt_file": "",    # continue from this file instead
-    "seed": 1,
-    "deterministic": False,    # torch.use_deterministic_algorithms
-    "max_nonfinite_steps": 10, # consecutive non-finite losses that stop the run
-    "skip_bad_images": False,  # evaluation leaves unreadable gallery images out instead of stopping
-    "device": "auto",          # auto (cuda if available), cpu, cuda, cuda:N
-    "amp": "off",              # autocast: off, bf16, fp16 (with a GradScaler); weights stay fp32
-    "accum_steps": 1,          # batches per optimizer step (contrastive heads see one batch each)
-    "grad_checkpointing": False,  # recompute encoder activations in backward (less memory)
-    "compile": False,          # torch.compile the encoder towers
+    S("name", "baseline", "run name (the method column of tools/collect_results.py)"),
+    S("output_dir", "", "the run directory itself; empty: logs/<dataset>/<time>_<name>"),
+    S("log_period", 100, "log the running losses every this many steps", low=1),
+    S("eval_period", 1, "evaluate every this many epochs (and after the last)", low=1),
+    S("val_dataset", "test", "split used for per-epoch evaluation and model selection", choices=("test", "val")),
+    S("select_metric", "t2i.R1", "block.metric of the evaluation results that chooses best.pth "
+      "(blocks: t2i, i2t, t2i_rerank, t2i_<feature set>; metrics: R1, R5, R10, mAP, mINP)"),
+    S("resume", False, "continue from RUN_DIR/last.pth (output_dir is the run directory)"),
+    S("resume_ckpt_file", "", "continue from this file instead"),
+    S("seed", 1, "seeds Python, NumPy, torch and the data loader"),
+    S("deterministic", False, "torch.use_deterministic_algorithms"),
+    S("max_nonfinite_steps", 10, "consecutive non-finite losses that stop the run", low=1),
+    S("skip_bad_images", False, "evaluation leaves unreadable gallery images out instead of stopping"),
+    S("device", "auto", "auto (cuda if available), cpu, cuda, cuda:N"),
+    S("amp", "off", "autocast precision; weights stay fp32 (fp16 adds a GradScaler)", choices=("off", "bf16", "fp16")),
+    S("accum_steps", 1, "batches per optimizer step (contrastive heads see one batch each)", low=1),
+    S("grad_checkpointing", False, "recompute encoder activations in backward (less memory)"),
+    S("compile", False, "torch.compile the encoder towers"),
     # model
-    "pretrain_choice": "ViT-B/16",  # OpenAI name, checkpoint path, or 'none' (from scratch)
-    "temperature": 0.02,
-    "img_size": [384, 128],
-    "stride_size": 16,
-    "text_length": 77,
-    "vocab_size": 49408,
-    # architecture when pretrain_choice is 'none' (from the checkpoint's shapes otherwise)
-    "embed_dim": 512,
-    "vision_width": 768,
-    "vision_layers": 12,
-    "vision_patch_size": 16,
-    "text_width": 512,
-    "text_layers": 12,
-    # heads
-    "loss_names": "sdm+id+mlm",
-    "sdm_loss_weight": 1.0,
-    "itc_loss_weight": 1.0,
-    "cmpm_loss_weight": 1.0,
-    "id_loss_weight": 1.0,
-    "mlm_loss_weight": 1.0,
-    "cmt_depth": 4,            # IRRA's cross-modal transformer depth (MLM head)
-    "cmt_loss_weight": 10.0,   # UIT's cross-modal triplet loss (SEN's run_SEN.sh)
-    "cmt_margin": 0.05,
-    # UIT's text-guided image restoration head (tir); defaults are SEN's released recipe
-    "tir_loss_weight": 10.0,
-    "tir_mask_ratio": 0.7,     # encoder keeps int((1 + patches) * (1 - ratio)) tokens, CLS included
-    "tir_depth": 4,            # decoder self-attention blocks
-    "tir_gray": True,          # the masked pass sees the grayscale image (the target stays colour)
-    "tir_norm_pix": False,     # normalise each target patch (MAE's norm_pix_loss; SEN: off)
-    "tir_mask_exact": False,   # supervise every dropped patch (SEN leaves one out: off-by-one quirk)
-    "tir_residual": False,     # residual around the text cross-attention (SEN: none)
-    "tir_text_pad_mask": False,  # cross-attention ignores text padding after EOT (SEN: attends to it)
+    S("pretrain_choice", "ViT-B/16", "OpenAI CLIP name, checkpoint path, or 'none' (from scratch)"),
+    S("temperature", 0.02, "softmax temperature of the contrastive heads (logit scale 1/temperature)", low=1e-6),
+    S("img_size", [384, 128], "image height and width"),
+    S("stride_size", 16, "patch stride of the ViT (equal to the patch size: no overlap)", low=1),
+    S("text_length", 77, "caption tokens, SOT and EOT included", low=3),
+    S("vocab_size", 49408, "text vocabulary size (from scratch)", low=1),
+    S("embed_dim", 512, "joint embedding width (from scratch; else the checkpoint's)", low=1),
+    S("vision_width", 768, "ViT width (from scratch)", low=1),
+    S("vision_layers", 12, "ViT blocks (from scratch)", low=1),
+    S("vision_patch_size", 16, "ViT patch size (from scratch)", low=1),
+    S("text_width", 512, "text Transformer width (from scratch)", low=1),
+    S("text_layers", 12, "text Transformer blocks (from scratch)", low=1),
+    S("loss_names", "sdm+id+mlm", "training heads joined by '+' (see the README's heads table)"),
+    # evaluation
+    S("rerank_k", 128, "first-stage candidates per query that a re-ranking head re-scores", low=1),
     # data
-    "dataset_name": "CUHK-PEDES",
-    "root_dir": "./data",
-    "sampler": "random",       # random, identity (P x K), idrannum (SEN: 1..K per identity)
-    "num_instance": 4,
-    "batch_size": 128,
-    "test_batch_size": 512,
-    "num_workers": 8,
-    "img_aug": False,
-    "image_cache": False,     # decode + resize images once into a memory-mapped uint8 file per split
-    "cache_dir": "",          # where (default <root_dir>/<dataset>/.cache)
-    "erase_value": "zero",    # RandomErasing fill: 'zero' or 'clip_mean' (IRRA: mean after Normalize)
-    "MLM": False,             # build masked captions even if no head asks for them
-    "mlm_prob": 0.15,                     # share of content tokens selected for MLM
-    "masked_token_rate": 0.8,             # selected tokens replaced by <|mask|>
-    "masked_token_unchanged_rate": 0.1,   # selected tokens left unchanged (the rest: random id)
-    "global_sees_masked_caption": False,  # IRRA's aliasing: SDM/ID see the masked caption
-    "text_prune_prob": 0.0,               # UIT: caption pruned to key words with this probability
-    "text_prune_mode": "pos_approx",      # offline stand-in for SEN's POS filter, or attribute_only
-    "text_mask_corruption": False,        # SEN's in-place MLM corruption of the training caption
-    "corruption_key_prob": 0.3,           # its selection rate for key-word (noun/adjective) pieces
-    "corruption_other_prob": 0.05,        # ... and for every other piece
+    S("dataset_name", "CUHK-PEDES", "benchmark: CUHK-PEDES, ICFG-PEDES, RSTPReid"),
+    S("root_dir", "./data", "folder holding the benchmark folders"),
+    S("sampler", "random", "random; identity (P x K); idrannum (SEN: 1..K per identity)",
+      choices=("random", "identity", "idrannum")),
+    S("num_instance", 4, "K: captions per identity of the identity samplers", low=1),
+    S("batch_size", 128, "global training batch (all processes together)", low=1),
+    S("test_batch_size", 512, "evaluation batch (images, captions, or re-ranked pairs)", low=1),
+    S("num_workers", 8, "data loader worker processes", low=0),
+    S("img_aug", False, "pad + random crop + random erasing on training images"),
+    S("image_cache", False, "decode + resize images once into a memory-mapped uint8 file per split"),
+    S("cache_dir", "", "where the image cache lives (default <root_dir>/<dataset>/.cache)"),
+    S("erase_value", "zero", "RandomErasing fill: 'zero' or 'clip_mean' (IRRA: mean after Normalize)",
+      choices=("zero", "clip_mean")),
     # solver
-    "optimizer": "Adam",
-    "lr": 1e-5,
-    "bias_lr_factor": 2.0,
-    "lr_factor": 5.0,
-    "momentum": 0.9,
-    "weight_decay": 4e-5,
-    "weight_decay_bias": 0.0,
-    "alpha": 0.9,
-    "beta": 0.999,
-    "optimizer_eps": 1e-3,    # IRRA hard-codes Adam eps 1e-3
-    "num_epoch": 60,
-    "lrscheduler": "cosine",
-    "milestones": [20, 50],
-    "gamma": 0.1,
-    "warmup_factor": 0.1,
-    "warmup_epochs": 5,
-    "warmup_method": "linear",
-    "target_lr": 0.0,
-}
+    S("optimizer", "Adam", "optimizer", choices=("Adam", "AdamW", "SGD")),
+    S("lr", 1e-5, "base learning rate", low=0.0),
+    S("bias_lr_factor", 2.0, "lr factor of biases", low=0.0),
+    S("lr_factor", 5.0, "lr factor of new cross-modal modules and classifiers", low=0.0),
+    S("momentum", 0.9, "SGD momentum", low=0.0),
+    S("weight_decay", 4e-5, "weight decay of weights", low=0.0),
+    S("weight_decay_bias", 0.0, "weight decay of biases", low=0.0),
+    S("alpha", 0.9, "Adam beta1", **PROBABILITY),
+    S("beta", 0.999, "Adam beta2", **PROBABILITY),
+    S("optimizer_eps", 1e-3, "Adam eps (IRRA hard-codes 1e-3)", low=0.0),
+    S("num_epoch", 60, "training epochs", low=1),
+    S("lrscheduler", "cosine", "lr schedule after warm-up", choices=("cosine", "step")),
+    S("milestones", [20, 50], "epochs of the step schedule's decays"),
+    S("gamma", 0.1, "decay factor of the step schedule", low=0.0),
+    S("warmup_factor", 0.1, "lr factor at the start of warm-up", low=0.0),
+    S("warmup_epochs", 5, "warm-up epochs", low=0),
+    S("warmup_method", "linear", "warm-up shape", choices=("linear", "constant")),
+    S("target_lr", 0.0, "final lr of the cosine schedule", low=0.0),
+)
+declare("core", CORE)
 
-CHOICES = {
-    "sampler": ("random", "identity", "idrannum"),
-    "text_prune_mode": ("pos_approx", "attribute_only"),
-    "optimizer": ("Adam", "AdamW", "SGD"),
-    "lrscheduler": ("cosine", "step"),
-    "warmup_method": ("linear", "constant"),
-    "erase_value": ("zero", "clip_mean"),
-    "val_dataset": ("test", "val"),
-    "amp": ("off", "bf16", "fp16"),
-}
-PROBABILITIES = ("mlm_prob", "masked_token_rate", "masked_token_unchanged_rate", "text_prune_prob",
-                 "corruption_key_prob", "corruption_other_prob", "tir_mask_ratio")
 # Keys written by the program into a run's configs.yaml, accepted when it is read back.
 RUN_KEYS = ("num_classes", "clip", "training")
+METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+
+
+def all_settings() -> dict[str, Setting]:
+    """Every declared key: core, caption augmentations, batch fields and every registered head."""
+    return {s.key: s for group in declared().values() for s in group}
+
+
+def defaults() -> dict[str, Any]:
+    return {key: copy.deepcopy(s.default) for key, s in all_settings().items()}
 
 
 def _closest(key: str) -> str:
-    match = difflib.get_close_matches(key, list(DEFAULTS), n=1)
+    match = difflib.get_close_matches(key, list(all_settings()), n=1)
     return f"; did you mean '{match[0]}'?" if match else ""
-
-
-def _coerce(key: str, value: Any) -> Any:
-    default = DEFAULTS[key]
-    try:
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise TypeError
-        elif isinstance(default, int):
-            if isinstance(value, bool) or float(value) != int(value):
-                raise TypeError
-            value = int(value)
-        elif isinstance(default, float):
-            value = float(value)
-        elif isinstance(default, list):
-            value = [type(default[0])(v) for v in value]
-        else:
-            value = str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config key '{key}' expects {type(default).__name__}, got {value!r}") from None
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key '{key}' is '{value}'; valid: {', '.join(CHOICES[key])}")
-    return value
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -166,6 +127,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"cannot parse {path}: {err}".replace("\n", " ")) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
+    settings = all_settings()
     merged: dict[str, Any] = {}
     base = data.pop("_base_", None)
     if base:
@@ -173,41 +135,68 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     for key, value in data.items():
         if key in RUN_KEYS:
             merged[key] = value
-        elif key not in DEFAULTS:
+        elif key not in settings:
             raise ConfigError(f"unknown config key '{key}' in {path}{_closest(key)}")
         else:
-            merged[key] = _coerce(key, value)
+            merged[key] = settings[key].coerce(value)
     return merged
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config_file", default="", help="YAML config (a run's configs.yaml works too)")
-    for key, default in DEFAULTS.items():
-        if isinstance(default, bool):
-            parser.add_argument(f"--{key}", action=argparse.BooleanOptionalAction)
-        elif isinstance(default, list):
-            parser.add_argument(f"--{key}", nargs="+", type=type(default[0]))
-        else:
-            parser.add_argument(f"--{key}", type=type(default), choices=CHOICES.get(key))
+    for owner, group in declared().items():
+        section = parser.add_argument_group(owner)
+        for s in group:
+            if isinstance(s.default, bool):
+                section.add_argument(f"--{s.key}", action=argparse.BooleanOptionalAction, help=s.describe())
+            elif isinstance(s.default, list):
+                section.add_argument(f"--{s.key}", nargs="+", type=type(s.default[0]), help=s.describe())
+            else:
+                section.add_argument(f"--{s.key}", type=type(s.default), choices=s.choices, help=s.describe())
     return parser
+
+
+def parse_select_metric(value: str) -> tuple[str, str]:
+    """'t2i.R1' -> ('t2i', 'R1'); the metric must be one the evaluation reports."""
+    block, _, metric = value.rpartition(".")
+    if not block or metric not in METRICS:
+        raise ConfigError(f"select_metric '{value}' must be <block>.<metric> with metric one of "
+                          f"{', '.join(METRICS)} (e.g. t2i.R1, t2i_rerank.R1)")
+    return block, metric
+
+
+def check_select_metric(value: str, blocks: list[str]) -> None:
+    """The block named by ``select_metric`` is one the model's evaluation reports."""
+    block, _ = parse_select_metric(value)
+    if block not in blocks:
+        raise ConfigError(f"select_metric '{value}': this model's evaluation reports the blocks "
+                          f"{', '.join(blocks)}, not '{block}'")
+
+
+def check_batch_fields(loss_names: str) -> None:
+    """Every batch field a chosen head needs has a builder (else a ConfigError naming the head)."""
+    from datasets.fields import FIELD_BUILDERS
+    for name in parse_loss_names(loss_names):
+        for key in HEADS[name].batch_fields:
+            if key not in FIELD_BUILDERS:
+                raise ConfigError(f"head '{name}' needs the batch field '{key}', which no field builder "
+                                  f"provides; known fields: {', '.join(sorted(FIELD_BUILDERS))}")
 
 
 def resolve(args: argparse.Namespace) -> SimpleNamespace:
     """Merge defaults, the YAML file and the flags given on the command line."""
-    values = copy.deepcopy(DEFAULTS)
+    settings = all_settings()
+    values = defaults()
     flags = vars(args).copy()
     config_file = flags.pop("config_file", "")
     if config_file:
         values.update(load_yaml(config_file))
-    values.update({k: _coerce(k, v) if k in DEFAULTS else v for k, v in flags.items()})
-    if values["accum_steps"] < 1:
-        raise ConfigError(f"accum_steps must be at least 1, got {values['accum_steps']}")
+    values.update({k: settings[k].coerce(v) if k in settings else v for k, v in flags.items()})
     if len(values["img_size"]) != 2:
         raise ConfigError(f"img_size needs two values (height width), got {values['img_size']}")
-    for key in PROBABILITIES:
-        if not 0.0 <= values[key] <= 1.0:
-            raise ConfigError(f"{key} is a probability (0 to 1), got {values[key]}")
+    parse_select_metric(values["select_metric"])
+    check_batch_fields(values["loss_names"])
     return SimpleNamespace(**values)
 
 

@@ -20,23 +20,22 @@ def grid_size(num_queries: int, top: int = 10) -> tuple[int, int]:
     return CAPTION_WIDTH + top * cell_w + PAD, num_queries * cell_h + PAD
 
 
-def retrieval_grid(captions: list[str], query_pids: torch.Tensor, similarity: torch.Tensor,
-                   gallery_paths: list[str], gallery_pids: torch.Tensor, top: int = 10) -> Image.Image:
-    """One row per query (rows of ``similarity``), its ``top`` gallery images by descending score."""
+def retrieval_grid(captions: list[str], query_pids: list[int], ranked_paths: list[list[str]],
+                   ranked_pids: list[list[int]], top: int = 10) -> Image.Image:
+    """One row per query: its caption, then its ranked gallery images (paths and pids, best first)."""
     width, height = grid_size(len(captions), top)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    order = torch.sort(similarity, dim=1, descending=True, stable=True).indices[:, :top]
     cell_w, cell_h = THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD
     for row, caption in enumerate(captions):
         y = PAD + row * cell_h
         draw.multiline_text((PAD, y), "\n".join(textwrap.wrap(caption, 48)[:9]), fill="black", font=font)
-        for col, index in enumerate(order[row].tolist()):
+        for col, (path, pid) in enumerate(zip(ranked_paths[row][:top], ranked_pids[row][:top])):
             x = CAPTION_WIDTH + col * cell_w
-            colour = GREEN if int(gallery_pids[index]) == int(query_pids[row]) else RED
+            colour = GREEN if pid == query_pids[row] else RED
             draw.rectangle((x, y, x + THUMB[0] + 2 * FRAME - 1, y + THUMB[1] + 2 * FRAME - 1), fill=colour)
-            with Image.open(gallery_paths[index]) as image:
+            with Image.open(path) as image:
                 canvas.paste(image.convert("RGB").resize(THUMB), (x + FRAME, y + FRAME))
     return canvas
 

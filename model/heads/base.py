@@ -1,38 +1,67 @@
-"""The head interface: one module per training objective, chosen by a ``--loss_names`` token.
+"""The head interface: one module per method component, chosen by a ``--loss_names`` token.
 
-A head receives the batch, the encoder's output for it and the encoder itself (for extra passes
-through its public methods) and returns a dict: ``<name>_loss`` entries are already weighted and
-summed by the processor; other entries (accuracies) are logged.
+A head lives in one file and declares everything the framework needs from it:
+- ``settings``: its config keys (collected by ``utils/options.py``: flags, YAML keys, help text);
+- ``batch_fields``: extra batch keys the training dataset must build (``datasets/fields.py``);
+- ``forward(batch, out, encoder)``: its training terms. ``<name>_loss`` entries are already
+  weighted and summed by the training step; other entries (accuracies) are logged;
+- optionally, its part in retrieval (all called by the evaluator, which has no per-method code):
+  ``retrieval_weights`` with ``query_features`` / ``gallery_features`` add feature sets computed
+  from the same evaluation pass; ``rerank_k`` > 0 with ``rerank_cache_*``, ``rerank_score`` and
+  ``rerank_combine`` re-scores each query's first-stage top k;
+- optionally, ``before_epoch(context)``: a pass over the training set before each epoch, keeping
+  per-sample state (``training_state`` / ``load_training_state`` put it in ``last.pth``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, Callable, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from ..clip import CLIPConfig, CLIPEncoder
+from utils.metrics import RerankStats
+from utils.settings import Setting
+
+from ..clip import CLIPConfig, CLIPEncoder, ImageOutput, TextOutput
 
 Batch = dict[str, torch.Tensor]
+GLOBAL = "global"  # the encoder's own feature set: CLS vs EOT cosine
 
 
 @dataclass
 class EncoderOutput:
     """One pass of the dual encoder over a training batch."""
-    image_tokens: torch.Tensor  # [B, 1+N, E], token 0 = CLS
-    text_tokens: torch.Tensor   # [B, L, E]
-    image_global: torch.Tensor  # [B, E] fp32, CLS
-    text_global: torch.Tensor   # [B, E] fp32, EOT
+    image: ImageOutput
+    text: TextOutput
+
+
+class EpochContext(Protocol):
+    """What ``Head.before_epoch`` gets from the training loop."""
+    epoch: int
+    num_samples: int  # training samples (captions): per-sample state is indexed 0..num_samples-1
+
+    def per_sample(self, fn: Callable[[Batch, EncoderOutput, CLIPEncoder], dict[str, torch.Tensor]]
+                   ) -> dict[str, torch.Tensor]:
+        """Run ``fn(batch, out, encoder)`` over the training set (eval mode, no gradients) and return
+        each of its [B] outputs scattered into a [num_samples] tensor by the batch's ``index``
+        (gathered from all processes; NaN for a sample not seen). The head must list ``index`` in
+        its ``batch_fields``."""
+        ...
 
 
 class Head(nn.Module):
-    """Base class of training heads."""
+    """Base class of heads."""
     name: ClassVar[str]
+    method: ClassVar[str] = ""   # the paper / codebase it comes from (README heads table)
+    summary: ClassVar[str] = ""  # one line for the README heads table
+    settings: ClassVar[tuple[Setting, ...]] = ()
     # Extra batch keys this head needs from the dataset (beyond images, caption_ids, pids, image_ids).
-    batch_keys: ClassVar[tuple[str, ...]] = ()
+    batch_fields: ClassVar[tuple[str, ...]] = ()
     # Optimizer role of child modules ('cross' or 'classifier'); other parameters are 'base'.
     param_roles: ClassVar[dict[str, str]] = {}
+    # >0: this head re-scores each query's first-stage top ``rerank_k`` gallery items.
+    rerank_k: int = 0
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -48,3 +77,48 @@ class Head(nn.Module):
 
     def role_of(self, param_name: str) -> str:
         return self.param_roles.get(param_name.split(".")[0], "base")
+
+    # ---------------------------------------------------------------- retrieval: feature sets
+    def retrieval_weights(self) -> dict[str, float]:
+        """Feature sets this head adds, with their weight in the first-stage similarity
+        ``sum_s w_s cos_s(query, gallery)``. It may also set the weight of ``GLOBAL`` (default 1),
+        e.g. ``{"global": 0.5, "tse": 0.5}`` for a mean, ``{"global": 0, "own": 1}`` to rank by its
+        own features alone. Weights are >= 0."""
+        return {}
+
+    def query_features(self, text: TextOutput) -> dict[str, torch.Tensor]:
+        """Per feature set of ``retrieval_weights``, the queries' features [B, D] (not normalised)."""
+        return {}
+
+    def gallery_features(self, image: ImageOutput) -> dict[str, torch.Tensor]:
+        """Per feature set of ``retrieval_weights``, the gallery items' features [B, D]."""
+        return {}
+
+    # ---------------------------------------------------------------- retrieval: re-ranking
+    def rerank_query_cache(self, text: TextOutput) -> dict[str, torch.Tensor]:
+        """Per-query tensors [B, ...] the second stage needs (kept in half precision)."""
+        return {}
+
+    def rerank_gallery_cache(self, image: ImageOutput) -> dict[str, torch.Tensor]:
+        """Per-gallery-item tensors [B, ...] the second stage needs (kept in half precision)."""
+        return {}
+
+    def rerank_score(self, query: dict[str, torch.Tensor], gallery: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Scores [n] of n (query, gallery item) pairs, given their cached rows (row i of each is pair i)."""
+        raise NotImplementedError
+
+    def rerank_combine(self, second: torch.Tensor, first: torch.Tensor, stats: RerankStats) -> torch.Tensor:
+        """Final scores [c, k] of each query's top k from the second-stage scores and the first-stage
+        ones (higher is better; only the order within a row matters). Default: the second stage alone."""
+        return second
+
+    # ---------------------------------------------------------------- training: per-epoch state
+    def before_epoch(self, context: EpochContext) -> None:
+        """Called before every training epoch (after resume too); may keep per-sample state."""
+
+    def training_state(self) -> dict[str, Any]:
+        """State kept across epochs besides parameters and buffers (saved in ``last.pth``)."""
+        return {}
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``training_state`` returned."""

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 from ..objectives import cmt_loss
+from utils.settings import Setting
+
 from .base import Head
-from .contrastive import global_batch
+from .contrastive import global_batch, loss_weight
 from .registry import register_head
 
 
 @register_head
 class CMTHead(Head):
     name = "cmt"
+    method = "UIT"
+    summary = ("cross-modal triplet, hardest other-identity negatives (not IRRA's `cmt_depth`, "
+               "which sizes the mlm head)")
+    settings = (
+        Setting("cmt_margin", 0.05, "margin of the cmt (UIT cross-modal triplet) head", low=0.0),
+        loss_weight("cmt", 10.0, " (UIT cross-modal triplet; SEN's run_SEN.sh: 10)"),
+    )
 
     def __init__(self, margin: float = 0.05, weight: float = 1.0):
         super().__init__(weight)

@@ -9,6 +9,8 @@ import torch
 
 from utils.comm import all_gather_no_grad, all_gather_with_grad
 
+from utils.settings import Setting
+
 from ..objectives import cmpm_loss, itc_loss, sdm_loss
 from .base import Batch, EncoderOutput, Head
 from .registry import register_head
@@ -16,8 +18,13 @@ from .registry import register_head
 
 def global_batch(batch: Batch, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(image features, text features, pids) of the whole batch across processes."""
-    return (all_gather_with_grad(out.image_global), all_gather_with_grad(out.text_global),
+    return (all_gather_with_grad(out.image.global_feature), all_gather_with_grad(out.text.global_feature),
             all_gather_no_grad(batch["pids"]))
+
+
+def loss_weight(name: str, default: float = 1.0, extra: str = "") -> Setting:
+    """The ``<name>_loss_weight`` setting every head has."""
+    return Setting(f"{name}_loss_weight", default, f"weight of the {name} loss{extra}", low=0.0)
 
 
 class ScaledContrastiveHead(Head):
@@ -36,6 +43,10 @@ class ScaledContrastiveHead(Head):
 class SDMHead(ScaledContrastiveHead):
     """Similarity Distribution Matching (IRRA)."""
     name = "sdm"
+    method = "IRRA"
+    summary = ("similarity distribution matching: KL to the same-identity distribution, both directions "
+               "(logit scale 1/`temperature`)")
+    settings = (loss_weight("sdm"),)
 
     def forward(self, batch, out, encoder):
         image, text, pids = global_batch(batch, out)
@@ -46,6 +57,9 @@ class SDMHead(ScaledContrastiveHead):
 class ITCHead(ScaledContrastiveHead):
     """Image-text contrastive InfoNCE with diagonal targets."""
     name = "itc"
+    method = "CLIP / IRRA"
+    summary = "image-text InfoNCE with diagonal targets (logit scale 1/`temperature`)"
+    settings = (loss_weight("itc"),)
 
     def forward(self, batch, out, encoder):
         image, text, _ = global_batch(batch, out)
@@ -56,6 +70,9 @@ class ITCHead(ScaledContrastiveHead):
 class CMPMHead(Head):
     """Cross-Modal Projection Matching (no scale)."""
     name = "cmpm"
+    method = "IRRA"
+    summary = "cross-modal projection matching"
+    settings = (loss_weight("cmpm"),)
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):

@@ -6,12 +6,16 @@ from torch import nn
 
 from ..objectives import accuracy
 from .base import Head
+from .contrastive import loss_weight
 from .registry import register_head
 
 
 @register_head
 class IDHead(Head):
     name = "id"
+    method = "IRRA"
+    summary = "identity classifier shared by the image and text global features"
+    settings = (loss_weight("id"),)
     param_roles = {"classifier": "classifier"}
 
     def __init__(self, embed_dim: int, num_classes: int, weight: float = 1.0):
@@ -26,8 +30,8 @@ class IDHead(Head):
 
     def forward(self, batch, out, encoder):
         pids = batch["pids"]
-        image_logits = self.classifier(out.image_global)
-        text_logits = self.classifier(out.text_global)
+        image_logits = self.classifier(out.image.global_feature)
+        text_logits = self.classifier(out.text.global_feature)
         loss = (F.cross_entropy(image_logits, pids) + F.cross_entropy(text_logits, pids)) / 2
         return {"id_loss": self.weight * loss,
                 "img_acc": accuracy(image_logits, pids),

@@ -9,15 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import LayerNorm, MultiheadAttention, QuickGELU, Transformer
+from utils.settings import Setting
+
 from ..objectives import accuracy
 from .base import Head
+from .contrastive import loss_weight
 from .registry import register_head
 
 
 @register_head
 class MLMHead(Head):
     name = "mlm"
-    batch_keys = ("mlm_ids", "mlm_labels")
+    method = "IRRA"
+    summary = "implicit relation reasoning: masked words predicted with cross-attention to the image"
+    settings = (
+        loss_weight("mlm"),
+        Setting("cmt_depth", 4, "blocks of the mlm head's cross-modal Transformer (IRRA's name; "
+                "unrelated to the UIT cmt triplet head)", low=1),
+    )
+    batch_fields = ("mlm_ids", "mlm_labels")
     param_roles = {"cross_attn": "cross", "cross_modal_transformer": "cross", "mlm_head": "classifier"}
 
     def __init__(self, embed_dim: int, vocab_size: int, depth: int = 4, weight: float = 1.0):
@@ -57,8 +67,8 @@ class MLMHead(Head):
         mlm_ids = batch["mlm_ids"]
         # With IRRA's caption aliasing the first pass already encoded these ids: reuse it.
         same = mlm_ids.shape == batch["caption_ids"].shape and torch.equal(mlm_ids, batch["caption_ids"])
-        text_tokens = out.text_tokens if same else encoder.encode_text(mlm_ids)
-        x = self.cross_former(text_tokens, out.image_tokens)
+        text_tokens = out.text.tokens if same else encoder.encode_text(mlm_ids)
+        x = self.cross_former(text_tokens, out.image.tokens)
         labels = batch["mlm_labels"].reshape(-1)
         labelled = labels != 0
         # The vocabulary classifier runs only at labelled positions: the loss (cross-entropy with

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from utils.errors import ConfigError
+from utils.settings import declare, withdraw
 
 from .base import Head
 
@@ -9,10 +10,18 @@ HEADS: dict[str, type[Head]] = {}
 
 
 def register_head(cls: type[Head]) -> type[Head]:
+    """Class decorator: the head answers to its ``name`` token; its settings join the config."""
     if cls.name in HEADS:
         raise ConfigError(f"head '{cls.name}' registered twice")
+    declare(f"head {cls.name}", cls.settings)
     HEADS[cls.name] = cls
     return cls
+
+
+def unregister_head(name: str) -> None:
+    """Remove a head and its settings (heads defined outside the package, e.g. in tests)."""
+    HEADS.pop(name)
+    withdraw(f"head {name}")
 
 
 def parse_loss_names(loss_names: str) -> list[str]:

@@ -14,10 +14,12 @@ import torch
 from torch import nn
 
 from utils.errors import ConfigError
+from utils.settings import PROBABILITY, Setting
 
 from ..blocks import LayerNorm, MultiheadAttention, Transformer
 from ..objectives import masked_patch_mse
 from .base import Head
+from .contrastive import loss_weight
 from .registry import register_head
 
 GRAY_WEIGHTS = (0.2989, 0.5870, 0.1140)  # ITU-R 601 luma, applied to the CLIP-normalised channels
@@ -95,6 +97,20 @@ def random_patch_order(batch: int, num_patches: int, device: torch.device) -> tu
 @register_head
 class TIRHead(Head):
     name = "tir"
+    method = "UIT"
+    summary = "text-guided image restoration: colour patches restored from a masked grayscale pass"
+    # Defaults are SEN's released recipe; the switches off = as SEN.
+    settings = (
+        loss_weight("tir", 10.0),
+        Setting("tir_mask_ratio", 0.7, "share of patches dropped: the encoder keeps "
+                "int((1 + patches) * (1 - ratio)) tokens, CLS included", **PROBABILITY),
+        Setting("tir_depth", 4, "decoder self-attention blocks", low=1),
+        Setting("tir_gray", True, "the masked pass sees the grayscale image (the target stays colour)"),
+        Setting("tir_norm_pix", False, "normalise each target patch (MAE's norm_pix_loss; SEN: off)"),
+        Setting("tir_mask_exact", False, "supervise every dropped patch (SEN leaves one out: off-by-one quirk)"),
+        Setting("tir_residual", False, "residual around the text cross-attention (SEN: none)"),
+        Setting("tir_text_pad_mask", False, "cross-attention ignores text padding after EOT (SEN attends to it)"),
+    )
     # SEN's substring rules give the text cross-attention and the decoder blocks lr x lr_factor;
     # decoder_embed, decoder_pred, mask_token and the LayerNorms train at the base lr.
     param_roles = {"cross_attn": "cross", "decoder": "cross"}
@@ -184,7 +200,7 @@ class TIRHead(Head):
             text_keep = positions <= ids.argmax(dim=-1, keepdim=True)  # up to EOT
         # The first pass's text tokens: the text encoder has no dropout, so re-encoding the same
         # caption (as SEN does) gives the same values and gradients at twice the text compute.
-        return self.decode(tokens, out.text_tokens, ids_restore, text_keep).float(), ids_restore
+        return self.decode(tokens, out.text.tokens, ids_restore, text_keep).float(), ids_restore
 
     def forward(self, batch, out, encoder):
         pred, ids_restore = self.restore(batch, out, encoder)

@@ -1,0 +1,114 @@
+"""Batch fields built on demand, through one registry.
+
+Every training sample has ``pids``, ``image_ids``, ``images`` and ``caption_ids``. A head names the
+extra keys it needs (``Head.batch_fields``); the training dataset runs exactly the builders that
+provide them, in registration order. A builder declares its config keys next to its code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from utils.errors import ConfigError
+from utils.settings import PROBABILITY, Setting, declare
+from utils.simple_tokenizer import SimpleTokenizer
+
+from .captions import MaskingConfig, mask_tokens
+
+
+@dataclass
+class SampleSource:
+    """What a builder may read: the record, its decoded image (before any transform) and the
+    training transform (for another augmented view)."""
+    index: int            # position in the training records (one per caption)
+    pid: int
+    image_id: int
+    caption: str          # the raw caption (before augmentation)
+    image: Any            # PIL image, or a uint8 [3, H, W] tensor from the decoded-image cache
+    transform: Callable[[Any], torch.Tensor]
+
+
+class FieldBuilder:
+    """Adds its ``keys`` to a sample dict (``sample`` already holds the four standard keys)."""
+    keys: ClassVar[tuple[str, ...]]
+    settings: ClassVar[tuple[Setting, ...]] = ()
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer: SimpleTokenizer) -> "FieldBuilder":
+        return cls()
+
+    def __call__(self, sample: dict[str, Any], source: SampleSource) -> None:
+        raise NotImplementedError
+
+
+FIELD_BUILDERS: dict[str, type[FieldBuilder]] = {}  # batch key -> the builder class that provides it
+
+
+def register_field(cls: type[FieldBuilder]) -> type[FieldBuilder]:
+    for key in cls.keys:
+        if key in FIELD_BUILDERS:
+            raise ConfigError(f"batch field '{key}' registered twice")
+        FIELD_BUILDERS[key] = cls
+    declare(f"batch field {'/'.join(cls.keys)}", cls.settings)
+    return cls
+
+
+def build_fields(keys: set[str], cfg, tokenizer: SimpleTokenizer) -> list[FieldBuilder]:
+    """The builders providing ``keys``, in registration order (each once)."""
+    unknown = sorted(keys - set(FIELD_BUILDERS))
+    if unknown:
+        raise ConfigError(f"no field builder provides the batch field(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(sorted(FIELD_BUILDERS))}")
+    classes = dict.fromkeys(cls for key, cls in FIELD_BUILDERS.items() if key in keys)
+    return [cls.from_config(cfg, tokenizer) for cls in classes]
+
+
+@register_field
+class MaskedCaption(FieldBuilder):
+    """IRRA's masked caption for MLM: ``mlm_ids`` (a masked copy of ``caption_ids``) and
+    ``mlm_labels`` (the original id at masked positions, 0 elsewhere). With
+    ``global_sees_masked_caption`` (IRRA's aliasing, its issue #13) ``caption_ids`` becomes the
+    masked caption too, so the global losses train on it as in IRRA's released numbers."""
+    keys = ("mlm_ids", "mlm_labels")
+    settings = (
+        Setting("MLM", False, "build masked captions even if no head asks for them (IRRA's flag)"),
+        Setting("mlm_prob", 0.15, "share of content tokens selected for MLM", **PROBABILITY),
+        Setting("masked_token_rate", 0.8, "selected tokens replaced by <|mask|>", **PROBABILITY),
+        Setting("masked_token_unchanged_rate", 0.1, "selected tokens left unchanged (the rest: a random id)",
+                **PROBABILITY),
+        Setting("global_sees_masked_caption", False, "IRRA's aliasing: every head sees the masked caption"),
+    )
+
+    def __init__(self, tokenizer: SimpleTokenizer, masking: MaskingConfig, aliasing: bool = False):
+        self.tokenizer, self.masking, self.aliasing = tokenizer, masking, aliasing
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer):
+        return cls(tokenizer, MaskingConfig(cfg.mlm_prob, cfg.masked_token_rate, cfg.masked_token_unchanged_rate),
+                   cfg.global_sees_masked_caption)
+
+    def __call__(self, sample, source):
+        masked, labels = mask_tokens(sample["caption_ids"], self.tokenizer, self.masking)
+        sample.update(mlm_ids=masked, mlm_labels=labels)
+        if self.aliasing:
+            sample["caption_ids"] = masked
+
+
+@register_field
+class SampleIndex(FieldBuilder):
+    """``index``: the sample's position in the training set, for per-sample state (e.g. weights)."""
+    keys = ("index",)
+
+    def __call__(self, sample, source):
+        sample["index"] = source.index
+
+
+@register_field
+class SecondView(FieldBuilder):
+    """``images_view2``: a second, independently augmented view of the sample's image."""
+    keys = ("images_view2",)
+
+    def __call__(self, sample, source):
+        sample["images_view2"] = source.transform(source.image)
