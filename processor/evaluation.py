@@ -14,7 +14,7 @@ numbers from them, equal to a single process's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
@@ -82,7 +82,6 @@ class Evaluation:
     text: Encoded
     image: Encoded
     rerank_order: torch.Tensor | None = None  # [Q, k] gallery positions, each query's final top k
-    blocks: list[str] = field(default_factory=list)
 
     def ranking(self, query: int, top: int) -> list[int]:
         """The gallery positions of query ``query``'s first ``top`` results, in the final order."""
@@ -90,7 +89,8 @@ class Evaluation:
         if self.rerank_order is None:
             return first[:top].tolist()
         head = self.rerank_order[query].tolist()
-        return (head + [g for g in first.tolist() if g not in set(head)])[:top]
+        reranked = set(head)
+        return (head + [g for g in first.tolist() if g not in reranked])[:top]
 
     def features(self) -> dict[str, torch.Tensor]:
         """What ``test.py --save_features`` writes (CPU tensors)."""
@@ -148,7 +148,7 @@ class Evaluator:
             results["t2i_rerank"] = self._metrics(stage, text.mine, len(text.pids), ranks)
             order = _scatter(all_gather_rows(local_order), all_gather_rows(text.mine), len(text.pids))
         results["i2t"] = self._metrics(self._rank(image, text, "combined"), image.mine, len(image.pids))
-        return Evaluation(results, text, image, order, retrieval.blocks())
+        return Evaluation(results, text, image, order)
 
     # ---------------------------------------------------------------- encoding
     def _encode_texts(self, model, retrieval: RetrievalDefinition, device: torch.device) -> Encoded:
