@@ -87,10 +87,13 @@ def test_torchrun_evaluation_with_feature_sets_and_a_reranker_equals_one_process
                       "--output_dir", str(run_dir), "--num_epoch", "1", "--loss_names", "sdm+test_mean+test_rerank",
                       "--rerank_k", "5", "--test_mean_weight", "2"])
     # batches of 5: images 4 batches (2 per process), captions 7 (4 and 3)
-    one, two = _one_and_two_processes("tests/eval_worker.py", run_dir, tmp_path, "--test_batch_size", "5")
+    one, two = _one_and_two_processes("tests/eval_worker.py", run_dir, tmp_path / "5", "--test_batch_size", "5")
     assert one == two
     assert list(one) == ["t2i", "t2i_global", "t2i_mean", "t2i_rerank", "i2t"]
     assert one["t2i_rerank"] != one["t2i"]
+    # one batch of each: the second process has no query and no gallery item
+    one, two = _one_and_two_processes("tests/eval_worker.py", run_dir, tmp_path / "64", "--test_batch_size", "64")
+    assert one == two
 
 
 def test_two_process_training_survives_a_zero_byte_jpeg(toy_root, tmp_path):

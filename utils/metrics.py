@@ -157,8 +157,9 @@ def _first_stage(chunks, query_pids: torch.Tensor, gallery_pids: torch.Tensor, k
     width = positions.shape[1]
     stage = FirstStage(torch.cat(ranks) if ranks else torch.zeros(0, width, dtype=torch.long), positions, num)
     if keep:
-        stage.top = torch.cat(tops) if tops else torch.zeros(0, 0, dtype=torch.long)
-        stage.top_scores = torch.cat(top_scores) if top_scores else torch.zeros(0, 0)
+        k = min(keep, len(gallery_pids))  # no queries: still [0, k], the shape other processes have
+        stage.top = torch.cat(tops) if tops else torch.zeros(0, k, dtype=torch.long)
+        stage.top_scores = torch.cat(top_scores) if top_scores else torch.zeros(0, k)
         stage.low, stage.high = low, high
     return stage
 
