@@ -85,8 +85,9 @@ class Transformer(nn.Module):
         self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
         self.grad_checkpointing = False  # recompute each block's activations in the backward pass
 
-    def forward(self, x: torch.Tensor, causal: bool = False) -> torch.Tensor:
-        for block in self.resblocks:
+    def forward(self, x: torch.Tensor, causal: bool = False, blocks: int | None = None) -> torch.Tensor:
+        """All blocks, or only the first ``blocks``."""
+        for block in self.resblocks[:blocks]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, causal, use_reentrant=False)
             else:

@@ -151,8 +151,13 @@ class CLIPEncoder(nn.Module):
         return self._text_hidden(text_ids) @ self.text_projection
 
     def _text_hidden(self, text_ids: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(self.text_states(text_ids))
+
+    def text_states(self, text_ids: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
+        """The text stream after the first ``blocks`` Transformer blocks (all by default), before
+        ``ln_final``: [B, L, W]. For heads that continue from an intermediate layer."""
         x = self.token_embedding(text_ids) + self.positional_embedding
-        return self.ln_final(self.transformer(x, causal=True))
+        return self.transformer(x, causal=True, blocks=blocks)
 
     def image_output(self, images: torch.Tensor) -> ImageOutput:
         """One pass over ``images``: hidden tokens, projected tokens and the CLS global feature."""

@@ -5,22 +5,25 @@ Roles (declared by each head's ``param_roles``; the encoder and everything else 
   cross       weights lr*lr_factor, wd             biases lr*bias_lr_factor, wd_bias
   classifier  weights lr*lr_factor, wd             biases lr*lr_factor, wd_bias
 (IRRA: new cross-modal modules x5, biases x2 without decay, classifier and MLM head x5.)
-IRRA makes one group per tensor; we make one group per (lr, weight decay), the same update.
+A head may also give a parameter its own lr, weight decay or Adam eps (``Head.param_rule``).
+IRRA makes one group per tensor; we make one group per (lr, weight decay, eps), the same update.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from model.heads import ParamRule
+
 from .lr_scheduler import WarmupScheduler
 
 
-def param_role(model: nn.Module, name: str) -> str:
-    """Role of a parameter of a ``TBPSModel`` given its full name."""
+def param_rule(model: nn.Module, name: str, param: nn.Parameter) -> ParamRule:
+    """The optimizer rule of a parameter of a ``TBPSModel`` given its full name."""
     parts = name.split(".")
     if parts[0] == "heads":
-        return model.heads[parts[1]].role_of(".".join(parts[2:]))
-    return "base"
+        return model.heads[parts[1]].param_rule(".".join(parts[2:]), param)
+    return ParamRule()
 
 
 def lr_and_decay(cfg, role: str, is_bias: bool) -> tuple[float, float]:
@@ -31,18 +34,23 @@ def lr_and_decay(cfg, role: str, is_bias: bool) -> tuple[float, float]:
 
 
 def build_param_groups(cfg, model: nn.Module) -> list[dict]:
-    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    groups: dict[tuple[float, float, float | None], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        key = lr_and_decay(cfg, param_role(model, name), name.endswith("bias"))
+        rule = param_rule(model, name, param)
+        lr, wd = lr_and_decay(cfg, rule.role, name.endswith("bias"))
+        key = (lr if rule.lr is None else rule.lr, wd if rule.weight_decay is None else rule.weight_decay, rule.eps)
         groups.setdefault(key, []).append(param)
-    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()]
+    return [{"params": params, "lr": lr, "weight_decay": wd, **({"eps": eps} if eps is not None else {})}
+            for (lr, wd, eps), params in groups.items()]
 
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     groups = build_param_groups(cfg, model)
     if cfg.optimizer == "SGD":
+        for group in groups:
+            group.pop("eps", None)  # SGD has none
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
     optim_cls = torch.optim.Adam if cfg.optimizer == "Adam" else torch.optim.AdamW
     return optim_cls(groups, lr=cfg.lr, betas=(cfg.alpha, cfg.beta), eps=cfg.optimizer_eps,

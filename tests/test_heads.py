@@ -137,6 +137,13 @@ def test_encoder_shapes(full):
     torch.testing.assert_close(enc.image.hidden @ model.encoder.visual.proj, enc.image.tokens)
     torch.testing.assert_close(enc.text.hidden @ model.encoder.text_projection, enc.text.tokens)
     torch.testing.assert_close(model.encoder.encode_image(batch["images"]), enc.image.tokens)
+    # the stream after the first blocks: block by block, it continues to the final hidden states
+    ids = batch["caption_ids"]
+    states = model.encoder.text_states(ids, blocks=0)
+    assert torch.equal(states, model.encoder.token_embedding(ids) + model.encoder.positional_embedding)
+    for block in model.encoder.transformer.resblocks:
+        states = block(states, causal=True)
+    torch.testing.assert_close(model.encoder.ln_final(states), enc.text.hidden)
 
 
 def _nonzero_grad(p):

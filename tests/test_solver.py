@@ -215,3 +215,28 @@ def test_scheduler_applies_to_real_optimizer_groups(model_and_optimizer):
         sched.step()
     for g in opt.param_groups:
         assert g["lr"] == pytest.approx(base[id(g["params"][0])] * 0.999185, rel=1e-5)
+
+
+def test_a_head_can_give_a_parameter_its_own_lr_weight_decay_and_eps():
+    from model.heads import HEADS, ParamRule
+
+    class OwnRules(HEADS["id"]):
+        def param_rule(self, name, param):
+            if name == "classifier.bias":
+                return ParamRule("classifier", weight_decay=0.0, eps=1e-8)
+            return ParamRule("cross", lr=3e-4)
+
+    torch.manual_seed(0)
+    cfg = make_cfg(loss_names="sdm+id", lr=1e-5, lr_factor=5.0, weight_decay=4e-5, optimizer="Adam",
+                   optimizer_eps=1e-3)
+    model = build_model(cfg, num_classes=7)
+    model.heads["id"].__class__ = OwnRules
+    opt = build_optimizer(cfg, model)
+    params = dict(model.named_parameters())
+    weight, bias = group_of(opt, params["heads.id.classifier.weight"]), group_of(opt, params["heads.id.classifier.bias"])
+    assert (weight["lr"], weight["weight_decay"], weight["eps"]) == (3e-4, 4e-5, 1e-3)
+    assert (bias["lr"], bias["weight_decay"], bias["eps"]) == (5e-5, 0.0, 1e-8)
+    encoder = group_of(opt, params["encoder.visual.conv1.weight"])
+    assert (encoder["lr"], encoder["weight_decay"], encoder["eps"]) == (1e-5, 4e-5, 1e-3)  # the recipe's
+    cfg.optimizer = "SGD"
+    assert all("eps" not in g for g in build_optimizer(cfg, model).param_groups)

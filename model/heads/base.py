@@ -3,6 +3,8 @@
 A head lives in one file and declares everything the framework needs from it:
 - ``settings``: its config keys (collected by ``utils/options.py``: flags, YAML keys, help text);
 - ``batch_fields``: extra batch keys the training dataset must build (``datasets/fields.py``);
+- ``param_roles`` / ``param_rule``: how the optimizer treats its parameters (lr role, or its own
+  lr, weight decay and Adam eps);
 - ``forward(batch, out, encoder)``: its training terms. ``<name>_loss`` entries are already
   weighted and summed by the training step; other entries (accuracies) are logged;
 - optionally, its part in retrieval (all called by the evaluator, which has no per-method code):
@@ -27,6 +29,18 @@ from ..clip import CLIPConfig, CLIPEncoder, ImageOutput, TextOutput
 
 Batch = dict[str, torch.Tensor]
 GLOBAL = "global"  # the encoder's own feature set: CLS vs EOT cosine
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """How the optimizer treats one of a head's parameters. ``role`` picks the recipe's lr factors
+    ('base'; 'cross' and 'classifier' get ``lr_factor``); the others, when set, replace the recipe's
+    values for this parameter: its base lr (the schedule still applies), its weight decay, and the
+    eps of its Adam/AdamW group."""
+    role: str = "base"
+    lr: float | None = None
+    weight_decay: float | None = None
+    eps: float | None = None
 
 
 @dataclass
@@ -75,8 +89,10 @@ class Head(nn.Module):
     def forward(self, batch: Batch, out: EncoderOutput, encoder: CLIPEncoder) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def role_of(self, param_name: str) -> str:
-        return self.param_roles.get(param_name.split(".")[0], "base")
+    def param_rule(self, param_name: str, param: nn.Parameter) -> ParamRule:
+        """The optimizer's treatment of ``param`` (its name inside the head). Default: the role that
+        ``param_roles`` gives its child module."""
+        return ParamRule(self.param_roles.get(param_name.split(".")[0], "base"))
 
     # ---------------------------------------------------------------- retrieval: feature sets
     def retrieval_weights(self) -> dict[str, float]:
