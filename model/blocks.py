@@ -27,23 +27,41 @@ class QuickGELU(nn.Module):
 
 
 class MultiheadAttention(nn.Module):
-    """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout, batch-first."""
+    """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout, batch-first.
 
-    def __init__(self, width: int, heads: int):
+    With ``kv_width`` (keys and values of another width, e.g. image tokens for text queries) the
+    projections are separate, as ``nn.MultiheadAttention(kdim=vdim=kv_width)`` keeps them:
+    ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``."""
+
+    def __init__(self, width: int, heads: int, kv_width: int | None = None):
         super().__init__()
         if width % heads:
             raise ValueError(f"attention width {width} is not divisible by {heads} heads")
         self.heads = heads
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        if kv_width is None or kv_width == width:
+            self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+            nn.init.xavier_uniform_(self.in_proj_weight)
+        else:
+            self.in_proj_weight = None
+            self.q_proj_weight = nn.Parameter(torch.empty(width, width))
+            self.k_proj_weight = nn.Parameter(torch.empty(width, kv_width))
+            self.v_proj_weight = nn.Parameter(torch.empty(width, kv_width))
+            for weight in (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight):
+                nn.init.xavier_uniform_(weight)
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
-        nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+
+    def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The query, key and value projection weights."""
+        if self.in_proj_weight is not None:
+            return self.in_proj_weight.chunk(3)
+        return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 causal: bool = False, key_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``key_mask`` ([B, Lk] bool, True = attend) leaves out keys such as text padding."""
-        w_q, w_k, w_v = self.in_proj_weight.chunk(3)
+        w_q, w_k, w_v = self.projection_weights()
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
         q, k, v = (self._split(F.linear(x, w, b))
                    for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))

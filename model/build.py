@@ -6,7 +6,7 @@ from torch import nn
 
 from .clip import CLIPConfig, CLIPEncoder
 from .clip_loading import load_openai_clip
-from .heads import HEADS, Batch, EncoderOutput, Head, parse_loss_names
+from .heads import HEADS, Batch, EncoderOutput, Head, parse_loss_names, with_required
 from .retrieval import RetrievalDefinition
 
 SCRATCH = "none"  # pretrain_choice that builds the encoder from the size keys, randomly initialised
@@ -24,8 +24,10 @@ class TBPSModel(nn.Module):
         self.retrieval = RetrievalDefinition(dict(self.heads))
 
     def encode(self, batch: Batch) -> EncoderOutput:
+        fields = dict.fromkeys(key for head in self.heads.values() for key in head.text_fields)
         return EncoderOutput(self.encoder.image_output(batch["images"]),
-                             self.encoder.text_output(batch["caption_ids"]))
+                             self.encoder.text_output(batch["caption_ids"]),
+                             {key: self.encoder.text_output(batch[key]) for key in fields})
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.encode(batch)
@@ -72,7 +74,10 @@ def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
 
 
 def build_model(cfg, num_classes: int, load_weights: bool = True) -> TBPSModel:
+    """The encoder and the heads of ``loss_names`` (with the heads they require)."""
     encoder = build_encoder(cfg, load_weights)
     heads = {name: HEADS[name].from_config(cfg, encoder.config, num_classes)
-             for name in parse_loss_names(cfg.loss_names)}
+             for name in with_required(parse_loss_names(cfg.loss_names))}
+    for head in heads.values():
+        head.bind(heads)
     return TBPSModel(encoder, heads)

@@ -8,6 +8,8 @@ through the head interface alone (no framework file knows them).
   whole-matrix ranges, as APTM's re-ranking does.
 - ``test_epoch``: before every epoch, a pass over the training set keeps a running average of each
   sample's image-text cosine; its loss weights each sample by whether it is above the median.
+- ``test_shared`` / ``test_user``: a module shared through a head of its own; its user requires it,
+  binds to it and reads an extra caption field that the model encodes once (``text_fields``).
 
 ``registered()`` registers them for the duration of a ``with`` block; ``register_all()`` for good
 (torchrun workers).
@@ -137,7 +139,42 @@ class EpochStateHead(Head):
         self.average, self.passes = state["average"], state["passes"]
 
 
-HEAD_CLASSES = (MeanSetHead, RerankHead, EpochStateHead)
+class SharedHead(Head):
+    name = "test_shared"
+    summary = "test head: a module other heads share"
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.proj = torch.nn.Linear(width, width)
+
+    @classmethod
+    def from_config(cls, cfg, encoder_cfg, num_classes):
+        return cls(encoder_cfg.embed_dim)
+
+    def forward(self, batch, out, encoder):
+        return {}
+
+
+class UserHead(Head):
+    name = "test_user"
+    summary = "test head: uses test_shared and the masked caption's encoding"
+    requires = ("test_shared",)
+    batch_fields = ("mlm_ids", "mlm_labels")
+    text_fields = ("mlm_ids",)
+
+    @classmethod
+    def from_config(cls, cfg, encoder_cfg, num_classes):
+        return cls()
+
+    def bind(self, heads):
+        self.peers = {"shared": heads["test_shared"]}
+
+    def forward(self, batch, out, encoder):
+        masked = self.peers["shared"].proj(out.texts["mlm_ids"].global_feature)
+        return {"test_user_loss": (1 - F.cosine_similarity(masked, out.image.global_feature, dim=1)).mean()}
+
+
+HEAD_CLASSES = (MeanSetHead, RerankHead, EpochStateHead, SharedHead, UserHead)
 
 
 def register_all() -> None:

@@ -175,3 +175,45 @@ def test_per_epoch_state_is_resumed_exactly(toy_root, tmp_path, monkeypatch, cus
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert json.loads((straight / "results.json").read_text()) == json.loads((interrupted / "results.json").read_text())
     assert not re.search("nan", json.dumps(a["best"]))
+
+
+# ---------------------------------------------------------------- shared modules and text fields
+def test_a_required_head_is_built_once_shared_and_trained_through_its_user(toy_root, custom):
+    cfg = demo_config(toy_root, "--loss_names", "sdm+test_user")
+    model = build_model(cfg, 16)
+    assert list(model.heads) == ["sdm", "test_shared", "test_user"]  # required before its user
+    user, shared = model.heads["test_user"], model.heads["test_shared"]
+    assert user.peers["shared"] is shared
+    keys = list(model.state_dict())
+    assert sum(k.startswith("heads.test_shared.proj.") for k in keys) == 2
+    assert not any(k.startswith("heads.test_user.") for k in keys)  # the reference is not a second path
+    loader = build_train_loader(cfg, build_dataset("CUHK-PEDES", toy_root), SimpleTokenizer(), model.required_fields())
+    batch = next(iter(loader))
+    batch.pop("replaced")
+    calls = []
+    model.encoder.transformer.register_forward_hook(lambda *args: calls.append(1))
+    out = model(batch)
+    assert len(calls) == 2  # the caption and the masked caption, each once
+    out["test_user_loss"].backward()
+    assert shared.proj.weight.grad is not None and shared.proj.weight.grad.abs().sum() > 0
+
+
+def test_requirements_are_checked_at_config_time(toy_root):
+    class Needy(Head):
+        name = "needy"
+        requires = ("missing_component",)
+
+    class Unasked(Head):
+        name = "unasked"
+        text_fields = ("mlm_ids",)
+
+    register_head(Needy)
+    register_head(Unasked)
+    try:
+        with pytest.raises(ConfigError, match="head 'needy' requires the unknown head 'missing_component'"):
+            demo_config(toy_root, "--loss_names", "sdm+needy")
+        with pytest.raises(ConfigError, match="head 'unasked' encodes the text field 'mlm_ids' without asking"):
+            demo_config(toy_root, "--loss_names", "sdm+unasked")
+    finally:
+        unregister_head("needy")
+        unregister_head("unasked")

@@ -42,12 +42,17 @@ def test_sdpa_attention_equals_the_plain_formula(causal):
     assert torch.allclose(attn(x, x, x, causal=causal), plain_attention(attn, x, x, x, causal), atol=1e-5)
 
 
-def test_attention_equals_torch_multihead_attention_with_the_same_weights():
+@pytest.mark.parametrize("kv_width", [64, 48])
+def test_attention_equals_torch_multihead_attention_with_the_same_weights(kv_width):
     torch.manual_seed(0)
-    ours, ref = MultiheadAttention(64, 4), nn.MultiheadAttention(64, 4, batch_first=True)
+    ours = MultiheadAttention(64, 4, kv_width=kv_width)
+    ref = nn.MultiheadAttention(64, 4, batch_first=True, kdim=kv_width, vdim=kv_width)
     ref.load_state_dict(ours.state_dict())  # the same parameter names and layout
-    q, kv = torch.randn(2, 7, 64), torch.randn(2, 13, 64)
-    assert torch.allclose(ours(q, kv, kv), ref(q, kv, kv, need_weights=False)[0], atol=1e-5)
+    q, kv = torch.randn(2, 7, 64), torch.randn(2, 13, kv_width)
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, 9:] = False
+    expected = ref(q, kv, kv, need_weights=False, key_padding_mask=~mask)[0]
+    assert torch.allclose(ours(q, kv, kv, key_mask=mask), expected, atol=1e-5)
 
 
 class _Loader(list):

@@ -19,7 +19,7 @@ import yaml
 
 import datasets.captions  # noqa: F401  (declares the caption augmentation settings)
 import datasets.fields  # noqa: F401  (declares the batch-field settings)
-from model.heads import HEADS, parse_loss_names
+from model.heads import HEADS, parse_loss_names, with_required
 
 from .errors import ConfigError
 from .settings import PROBABILITY, Setting, declare, declared
@@ -177,8 +177,12 @@ def check_select_metric(value: str, blocks: list[str]) -> None:
 def check_batch_fields(loss_names: str) -> None:
     """Every batch field a chosen head needs has a builder (else a ConfigError naming the head)."""
     from datasets.fields import FIELD_BUILDERS
-    for name in parse_loss_names(loss_names):
-        for key in HEADS[name].batch_fields:
+    for name in with_required(parse_loss_names(loss_names)):
+        head = HEADS[name]
+        for key in head.text_fields:
+            if key not in head.batch_fields:
+                raise ConfigError(f"head '{name}' encodes the text field '{key}' without asking for it in batch_fields")
+        for key in head.batch_fields:
             if key not in FIELD_BUILDERS:
                 raise ConfigError(f"head '{name}' needs the batch field '{key}', which no field builder "
                                   f"provides; known fields: {', '.join(sorted(FIELD_BUILDERS))}")

@@ -1,7 +1,7 @@
 """Training heads; importing this package registers every head."""
 from . import cmt, contrastive, identity, mlm, tir  # noqa: F401  (registration)
 from .base import GLOBAL, Batch, EncoderOutput, EpochContext, Head, ParamRule, RerankStats
-from .registry import HEADS, parse_loss_names, register_head, unregister_head
+from .registry import HEADS, parse_loss_names, register_head, unregister_head, with_required
 
 __all__ = ["GLOBAL", "Batch", "EncoderOutput", "EpochContext", "HEADS", "Head", "ParamRule", "RerankStats", "parse_loss_names",
-           "register_head", "unregister_head"]
+           "register_head", "unregister_head", "with_required"]

@@ -3,6 +3,8 @@
 A head lives in one file and declares everything the framework needs from it:
 - ``settings``: its config keys (collected by ``utils/options.py``: flags, YAML keys, help text);
 - ``batch_fields``: extra batch keys the training dataset must build (``datasets/fields.py``);
+  ``text_fields``: which of them the model encodes with the text tower (once per step, shared);
+- ``requires`` and ``bind``: other heads it uses (a shared module lives in a head of its own);
 - ``param_roles`` / ``param_rule``: how the optimizer treats its parameters (lr role, or its own
   lr, weight decay and Adam eps);
 - ``forward(batch, out, encoder)``: its training terms. ``<name>_loss`` entries are already
@@ -16,7 +18,7 @@ A head lives in one file and declares everything the framework needs from it:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 import torch
@@ -45,9 +47,11 @@ class ParamRule:
 
 @dataclass
 class EncoderOutput:
-    """One pass of the dual encoder over a training batch."""
+    """One pass of the dual encoder over a training batch: the images, the captions and every extra
+    caption field a head asked for (``Head.text_fields``), each encoded once per step."""
     image: ImageOutput
     text: TextOutput
+    texts: dict[str, TextOutput] = field(default_factory=dict)
 
 
 class EpochContext(Protocol):
@@ -72,6 +76,11 @@ class Head(nn.Module):
     settings: ClassVar[tuple[Setting, ...]] = ()
     # Extra batch keys this head needs from the dataset (beyond images, caption_ids, pids, image_ids).
     batch_fields: ClassVar[tuple[str, ...]] = ()
+    # Batch keys holding token ids that the model encodes with the text tower once per step, for
+    # every head that names them (``out.texts[key]``); each must also be in ``batch_fields``.
+    text_fields: ClassVar[tuple[str, ...]] = ()
+    # Heads this one uses (e.g. a shared cross encoder): built with it even if not in loss_names.
+    requires: ClassVar[tuple[str, ...]] = ()
     # Optimizer role of child modules ('cross' or 'classifier'); other parameters are 'base'.
     param_roles: ClassVar[dict[str, str]] = {}
     # >0: this head re-scores each query's first-stage top ``rerank_k`` gallery items.
@@ -88,6 +97,11 @@ class Head(nn.Module):
 
     def forward(self, batch: Batch, out: EncoderOutput, encoder: CLIPEncoder) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def bind(self, heads: dict[str, "Head"]) -> None:
+        """Called once the model's heads are built, with all of them (``requires`` included): a head
+        keeps references to the peers it uses (in a plain dict, so that their parameters stay
+        registered under their own name only)."""
 
     def param_rule(self, param_name: str, param: nn.Parameter) -> ParamRule:
         """The optimizer's treatment of ``param`` (its name inside the head). Default: the role that

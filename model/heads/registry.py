@@ -36,3 +36,23 @@ def parse_loss_names(loss_names: str) -> list[str]:
     if len(set(tokens)) != len(tokens):
         raise ConfigError(f"loss_names '{loss_names}' repeats a head")
     return tokens
+
+
+def with_required(names: list[str]) -> list[str]:
+    """``names`` plus every head they require (recursively), each required head before its users."""
+    ordered: list[str] = []
+
+    def visit(name: str, chain: tuple[str, ...]) -> None:
+        if name in chain:
+            raise ConfigError(f"heads require each other in a circle: {' -> '.join(chain + (name,))}")
+        if name in ordered:
+            return
+        if name not in HEADS:
+            raise ConfigError(f"head '{chain[-1]}' requires the unknown head '{name}'")
+        for required in HEADS[name].requires:
+            visit(required, chain + (name,))
+        ordered.append(name)
+
+    for name in names:
+        visit(name, ())
+    return ordered
