@@ -13,8 +13,9 @@ import torch
 
 from utils.errors import ConfigError
 from utils.settings import PROBABILITY, Setting, declare
-from utils.simple_tokenizer import SimpleTokenizer
+from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
+from .aptm_text import eda, span_mask
 from .captions import MaskingConfig, mask_tokens
 
 
@@ -112,3 +113,55 @@ class SecondView(FieldBuilder):
 
     def __call__(self, sample, source):
         sample["images_view2"] = source.transform(source.image)
+
+
+@register_field
+class EDACaption(FieldBuilder):
+    """``eda_caption_ids``: the caption after one EDA operation (APTM's text branch; every caption,
+    as APTM's eda_p 1), tokenised like ``caption_ids``. Synonyms come from the offline table of
+    ``datasets/aptm_text.py`` (nothing is downloaded)."""
+    keys = ("eda_caption_ids",)
+    settings = (
+        Setting("eda_alpha", 0.1, "EDA: share of the words replaced, inserted or swapped (APTM: 0.1)",
+                **PROBABILITY),
+        Setting("eda_p_delete", 0.1, "EDA: probability of deleting each word (APTM: 0.1)", **PROBABILITY),
+    )
+
+    def __init__(self, tokenizer: SimpleTokenizer, text_length: int, alpha: float = 0.1, p_delete: float = 0.1):
+        self.tokenizer, self.text_length, self.alpha, self.p_delete = tokenizer, text_length, alpha, p_delete
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer):
+        return cls(tokenizer, cfg.text_length, cfg.eda_alpha, cfg.eda_p_delete)
+
+    def __call__(self, sample, source):
+        caption = eda(source.caption, self.alpha, self.p_delete)
+        sample["eda_caption_ids"] = tokenize(caption, self.tokenizer, self.text_length)
+
+
+@register_field
+class SpanMaskedCaption(FieldBuilder):
+    """APTM's MLM input: ``aptm_mlm_ids`` (whole-word spans of ``caption_ids`` masked, 80/10/10) and
+    ``aptm_mlm_labels`` (the original id at masked positions, -100 elsewhere)."""
+    keys = ("aptm_mlm_ids", "aptm_mlm_labels")
+    settings = (
+        Setting("aptm_mask_prob", 0.25, "APTM MLM: share of a caption's content tokens masked", **PROBABILITY),
+        Setting("aptm_max_masks", 10, "APTM MLM: most masked tokens per caption", low=1),
+        Setting("aptm_skipgram_prob", 0.2, "APTM MLM: probability that a masked span is 2..skipgram_size "
+                "tokens long", **PROBABILITY),
+        Setting("aptm_skipgram_size", 3, "APTM MLM: longest masked span", low=1),
+    )
+
+    def __init__(self, tokenizer: SimpleTokenizer, mask_prob: float = 0.25, max_masks: int = 10,
+                 skipgram_prob: float = 0.2, skipgram_size: int = 3):
+        self.tokenizer = tokenizer
+        self.options = dict(mask_prob=mask_prob, max_masks=max_masks, skipgram_prob=skipgram_prob,
+                            skipgram_size=skipgram_size)
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer):
+        return cls(tokenizer, cfg.aptm_mask_prob, cfg.aptm_max_masks, cfg.aptm_skipgram_prob, cfg.aptm_skipgram_size)
+
+    def __call__(self, sample, source):
+        masked, labels = span_mask(sample["caption_ids"], self.tokenizer, **self.options)
+        sample.update(aptm_mlm_ids=masked, aptm_mlm_labels=labels)

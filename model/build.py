@@ -79,5 +79,5 @@ def build_model(cfg, num_classes: int, load_weights: bool = True) -> TBPSModel:
     heads = {name: HEADS[name].from_config(cfg, encoder.config, num_classes)
              for name in with_required(parse_loss_names(cfg.loss_names))}
     for head in heads.values():
-        head.bind(heads)
+        head.bind(heads, encoder)
     return TBPSModel(encoder, heads)

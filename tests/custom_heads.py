@@ -166,7 +166,7 @@ class UserHead(Head):
     def from_config(cls, cfg, encoder_cfg, num_classes):
         return cls()
 
-    def bind(self, heads):
+    def bind(self, heads, encoder):
         self.peers = {"shared": heads["test_shared"]}
 
     def forward(self, batch, out, encoder):

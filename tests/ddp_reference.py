@@ -8,13 +8,15 @@ import torch
 from utils.options import defaults
 
 LOSS_NAMES = "sdm+itc+cmpm+cmt+id+tir"
+APTM_LOSS_NAMES = "aptm_itc+itm+aptm_mlm"
 
 
-def tiny_config() -> SimpleNamespace:
+def tiny_config(loss_names: str = LOSS_NAMES) -> SimpleNamespace:
     return SimpleNamespace(**{**defaults(), "pretrain_choice": "none", "img_size": [32, 16],
                               "vision_patch_size": 8, "stride_size": 8, "vision_width": 64,
                               "vision_layers": 1, "text_width": 64, "text_layers": 1, "embed_dim": 32,
-                              "text_length": 16, "loss_names": LOSS_NAMES})
+                              "text_length": 16, "loss_names": loss_names, "aptm_fusion_layers": 1,
+                              "aptm_fusion_dropout": 0.0})
 
 
 def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
@@ -23,13 +25,18 @@ def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
     ids[:, 0] = 49406
     ids[:, 1:9] = torch.randint(1, 49405, (size, 8), generator=gen)
     ids[:, 9] = 49407
+    masked, labels = ids.clone(), torch.full_like(ids, -100)
+    masked[:, [2, 5]], labels[:, [2, 5]] = 49405, ids[:, [2, 5]]  # the same number of MLM targets per sample
     return {"images": torch.randn(size, 3, 32, 16, generator=gen), "caption_ids": ids,
-            "pids": torch.tensor([0, 1, 0, 2, 3, 1, 4, 5][:size]), "image_ids": torch.arange(size)}
+            "pids": torch.tensor([0, 1, 0, 2, 3, 1, 4, 5][:size]), "image_ids": torch.arange(size),
+            "eda_caption_ids": ids.roll(1, dims=0), "aptm_mlm_ids": masked, "aptm_mlm_labels": labels}
 
 
 def fixed_patch_order(model) -> None:
     """Make the TIR head's random patch mask a function of each sample's image id, so that the
     two-process run and the one-process run mask the same patches."""
+    if "tir" not in model.heads:
+        return
     head = model.heads["tir"]
 
     def order(batch):

@@ -1,5 +1,6 @@
-"""Run by tests/test_distributed.py under torchrun: one DDP step of a tiny model on this rank's half
-of a fixed global batch; rank 0 saves the losses and the (DDP-averaged) gradients."""
+"""Run by tests/test_distributed.py under torchrun: one DDP step of a tiny model (the heads of argv[2],
+default LOSS_NAMES) on this rank's half of a fixed global batch; rank 0 saves the losses and the
+(DDP-averaged) gradients."""
 from __future__ import annotations
 
 import sys
@@ -17,11 +18,11 @@ from utils.comm import get_rank, get_world_size, init_distributed  # noqa: E402
 from ddp_reference import LOSS_NAMES, fixed_batch, fixed_patch_order, tiny_config  # noqa: E402
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, loss_names: str = LOSS_NAMES) -> None:
     init_distributed("cpu")
     rank, world = get_rank(), get_world_size()
     torch.manual_seed(0)
-    model = build_model(tiny_config(), num_classes=6)
+    model = build_model(tiny_config(loss_names), num_classes=6)
     fixed_patch_order(model)
     batch = fixed_batch()
     local = {k: v.chunk(world)[rank] for k, v in batch.items()}
@@ -38,4 +39,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

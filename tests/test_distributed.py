@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ddp_reference import fixed_batch, fixed_patch_order, tiny_config
+from ddp_reference import APTM_LOSS_NAMES, LOSS_NAMES, fixed_batch, fixed_patch_order, tiny_config
 from model.build import build_model
 from test_end_to_end import REPO, TINY
 from datasets.toy import generate_toy_dataset
@@ -21,18 +21,23 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def test_two_processes_equal_one_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("loss_names, global_losses", [
+    (LOSS_NAMES, ("sdm_loss", "itc_loss", "cmpm_loss", "cmt_loss")),
+    # APTM: ITC on the global batch; ITM's hard negatives drawn from the global batch with the same draws
+    (APTM_LOSS_NAMES, ("aptm_itc_loss",)),
+], ids=["irra-uit", "aptm"])
+def test_two_processes_equal_one_on_the_global_batch(tmp_path, loss_names, global_losses):
     out = tmp_path / "ddp.pt"
-    proc = subprocess.run([*TORCHRUN, str(REPO / "tests/ddp_worker.py"), str(out)], cwd=REPO, env=ENV,
+    proc = subprocess.run([*TORCHRUN, str(REPO / "tests/ddp_worker.py"), str(out), loss_names], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = torch.load(out)
     torch.manual_seed(0)
-    model = build_model(tiny_config(), num_classes=6)
+    model = build_model(tiny_config(loss_names), num_classes=6)
     fixed_patch_order(model)
     outputs = model(fixed_batch())
     sum(v for k, v in outputs.items() if k.endswith("_loss")).backward()
-    for name in ("sdm_loss", "itc_loss", "cmpm_loss", "cmt_loss"):  # computed on the gathered global batch
+    for name in global_losses:  # computed on the gathered global batch
         assert ddp["losses"][name].item() == pytest.approx(outputs[name].item(), abs=1e-5)
     assert set(ddp["grads"]) == {n for n, p in model.named_parameters() if p.grad is not None}
     for name, param in model.named_parameters():

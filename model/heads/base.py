@@ -98,10 +98,10 @@ class Head(nn.Module):
     def forward(self, batch: Batch, out: EncoderOutput, encoder: CLIPEncoder) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def bind(self, heads: dict[str, "Head"]) -> None:
-        """Called once the model's heads are built, with all of them (``requires`` included): a head
-        keeps references to the peers it uses (in a plain dict, so that their parameters stay
-        registered under their own name only)."""
+    def bind(self, heads: dict[str, "Head"], encoder: CLIPEncoder) -> None:
+        """Called once the model is built, with all its heads (``requires`` included) and its encoder:
+        a head keeps references to what it uses (in a plain dict, so that their parameters stay
+        registered under their own name only) or initialises itself from them."""
 
     def param_rule(self, param_name: str, param: nn.Parameter) -> ParamRule:
         """The optimizer's treatment of ``param`` (its name inside the head). Default: the role that
