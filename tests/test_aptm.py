@@ -569,3 +569,21 @@ def test_training_and_test_py_on_toy_data(toy_root, tmp_path):
     results = test_entry.main(["--config_file", str(run / "configs.yaml"), "--output_dir", str(tmp_path / "eval")])
     assert list(results) == ["t2i", "t2i_rerank", "i2t"]
     assert results == {k: v for k, v in saved.items() if k != "epoch"}  # best.pth evaluated again
+
+
+def test_eda_applies_exactly_one_operation_chosen_uniformly(monkeypatch):
+    names = ("replacement", "insertion", "swap", "deletion")
+    for name, tag in zip(("synonym_replacement", "random_insertion", "random_swap", "random_deletion"), names):
+        monkeypatch.setattr(aptm_text, name, lambda words, n, rng, tag=tag: [tag])
+    rng = random.Random(7)
+    counts = Counter(eda(CAPTIONS[0], rng=rng) for _ in range(8000))
+    assert set(counts) == set(names)
+    assert all(abs(c / 8000 - 0.25) < 0.02 for c in counts.values())
+
+
+def test_itm_draws_continue_exactly_after_a_resume():
+    head, resumed = ITMHead(8, seed=3), ITMHead(8, seed=99)
+    weights = torch.rand(16, 16)
+    draw_negatives(weights, head.generator)
+    resumed.load_training_state(head.training_state())
+    assert torch.equal(draw_negatives(weights, head.generator), draw_negatives(weights, resumed.generator))
