@@ -14,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
-from model.build import build_model
+from model.build import build_model, configure_heads
 from processor.evaluation import Evaluator
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     configure_determinism(cfg.deterministic)
     tokenizer = SimpleTokenizer()
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    configure_heads(cfg, dataset, tokenizer)
     model = build_model(cfg, dataset.num_classes).to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.compile:

@@ -165,3 +165,31 @@ class SpanMaskedCaption(FieldBuilder):
     def __call__(self, sample, source):
         masked, labels = span_mask(sample["caption_ids"], self.tokenizer, **self.options)
         sample.update(aptm_mlm_ids=masked, aptm_mlm_labels=labels)
+
+
+@register_field
+class MCMCaption(FieldBuilder):
+    """SCMM-style MCM input (our reconstruction): ``mcm_ids``, a masked *copy* of ``caption_ids`` (which
+    stays clean), and ``mcm_labels`` (original id where masked, 0 elsewhere), IRRA's 80/10/10 masking.
+    When nothing is selected the first content token is masked, as IRRA; a caption without content
+    tokens gets no label (IRRA would label its EOT)."""
+    keys = ("mcm_ids", "mcm_labels")
+    settings = (
+        Setting("mcm_prob", 0.15, "share of content tokens selected for MCM", **PROBABILITY),
+        Setting("mcm_mask_rate", 0.8, "selected tokens replaced by <|mask|>", **PROBABILITY),
+        Setting("mcm_unchanged_rate", 0.1, "selected tokens left unchanged (the rest: a random id)", **PROBABILITY),
+    )
+
+    def __init__(self, tokenizer: SimpleTokenizer, masking: MaskingConfig):
+        self.tokenizer, self.masking = tokenizer, masking
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer):
+        return cls(tokenizer, MaskingConfig(cfg.mcm_prob, cfg.mcm_mask_rate, cfg.mcm_unchanged_rate))
+
+    def __call__(self, sample, source):
+        ids = sample["caption_ids"]
+        masked, labels = mask_tokens(ids, self.tokenizer, self.masking)
+        if not 0 < int(ids[1]) < self.tokenizer.mask_id:  # the fallback hit EOT: no content token
+            masked[1], labels[1] = ids[1], 0
+        sample.update(mcm_ids=masked, mcm_labels=labels)

@@ -73,6 +73,12 @@ def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
     return load_openai_clip(cfg.pretrain_choice, tuple(cfg.img_size), cfg.stride_size, cfg.text_length)
 
 
+def configure_heads(cfg, dataset, tokenizer) -> None:
+    """Let every head of ``loss_names`` fill the config values it derives from the training split."""
+    for name in with_required(parse_loss_names(cfg.loss_names)):
+        HEADS[name].configure(cfg, dataset, tokenizer)
+
+
 def build_model(cfg, num_classes: int, load_weights: bool = True) -> TBPSModel:
     """The encoder and the heads of ``loss_names`` (with the heads they require)."""
     encoder = build_encoder(cfg, load_weights)

@@ -16,7 +16,7 @@ def tiny_config(loss_names: str = LOSS_NAMES) -> SimpleNamespace:
                               "vision_patch_size": 8, "stride_size": 8, "vision_width": 64,
                               "vision_layers": 1, "text_width": 64, "text_layers": 1, "embed_dim": 32,
                               "text_length": 16, "loss_names": loss_names, "aptm_fusion_layers": 1,
-                              "aptm_fusion_dropout": 0.0})
+                              "aptm_fusion_dropout": 0.0, "sew_len_low": 2.0, "sew_len_high": 10.0})
 
 
 def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:

@@ -27,7 +27,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
     (APTM_LOSS_NAMES, ("aptm_itc_loss",)),
     # LGUR: the ranking terms on the gathered batch, the same draws; per-process ID terms
     ("lgur", ("lgur_rank", "lgur_rank_dict", "lgur_rank_text", "lgur_rank_image")),
-], ids=["irra-uit", "aptm", "lgur"])
+    # SCMM-style: Sew on the gathered batch (margins from every process's captions)
+    ("sew+id", ("sew_loss",)),
+], ids=["irra-uit", "aptm", "lgur", "sew"])
 def test_two_processes_equal_one_on_the_global_batch(tmp_path, loss_names, global_losses):
     out = tmp_path / "ddp.pt"
     proc = subprocess.run([*TORCHRUN, str(REPO / "tests/ddp_worker.py"), str(out), loss_names], cwd=REPO, env=ENV,

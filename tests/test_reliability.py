@@ -240,7 +240,7 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
                                 f"error: {root}/nokey/CUHK-PEDES/reid_raw.json: entry 1 lacks key(s) file_path"),
         "unknown loss name": (["--loss_names", "sdm+idd"],
                               "error: unknown loss name 'idd' in loss_names 'sdm+idd'; known: aptm_fusion, aptm_itc, aptm_mlm, "
-                              "cmpm, cmt, id, itc, itm, lgur, mlm, sdm, tir"),
+                              "cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tir"),
         "unknown dataset": (["--dataset_name", "Market-1501"],
                             "error: unknown dataset_name 'Market-1501'; known: CUHK-PEDES, ICFG-PEDES, RSTPReid"),
         "unknown config key": (["--config_file", f"{root}/bad.yaml"],

@@ -49,7 +49,7 @@ def test_uit_configs_hold_the_released_recipe(name, dataset):
     assert (cfg.optimizer, cfg.optimizer_eps, cfg.lr, cfg.weight_decay) == ("Adam", 1e-3, 1e-5, 4e-5)
 
 
-@pytest.mark.parametrize("method", ["irra", "uit", "aptm", "lgur"])
+@pytest.mark.parametrize("method", ["irra", "uit", "aptm", "lgur", "scmm"])
 def test_run_script_launches_the_three_configs(method):
     """The script runs train.py once per benchmark config (PY=echo prints the commands)."""
     out = subprocess.run(["bash", str(REPO / f"run_scripts/{method}.sh"), "--seed", "3"],

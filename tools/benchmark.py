@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset  # noqa: E402
 from datasets.build import build_eval_loaders, build_train_loader  # noqa: E402
-from model.build import build_model  # noqa: E402
+from model.build import build_model, configure_heads  # noqa: E402
 from processor.evaluation import Evaluator  # noqa: E402
 from processor.train_step import TrainStep  # noqa: E402
 from solver.build import build_optimizer  # noqa: E402
@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     tokenizer = SimpleTokenizer()
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    configure_heads(cfg, dataset, tokenizer)
     model = build_model(cfg, dataset.num_classes).to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     loader = build_train_loader(cfg, dataset, tokenizer, model.required_fields(), torch.Generator())

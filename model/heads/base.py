@@ -2,6 +2,7 @@
 
 A head lives in one file and declares everything the framework needs from it:
 - ``settings``: its config keys (collected by ``utils/options.py``: flags, YAML keys, help text);
+  ``configure``: values it derives from the training data before training (saved with the run);
 - ``batch_fields``: extra batch keys the training dataset must build (``datasets/fields.py``);
   ``text_fields``: which of them the model encodes with the text tower (once per step, shared);
 - ``requires`` and ``bind``: other heads it uses (a shared module lives in a head of its own);
@@ -89,6 +90,11 @@ class Head(nn.Module):
     def __init__(self, weight: float = 1.0):
         super().__init__()
         self.weight = weight
+
+    @classmethod
+    def configure(cls, cfg, dataset, tokenizer) -> None:
+        """Before a training run builds the model: fill config values that come from the training
+        data (e.g. caption statistics); they are written into the run's configs.yaml."""
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg: CLIPConfig, num_classes: int) -> "Head":

@@ -27,7 +27,7 @@ class MLMHead(Head):
         Setting("cmt_depth", 4, "blocks of the mlm head's cross-modal Transformer (IRRA's name; "
                 "unrelated to the UIT cmt triplet head)", low=1),
     )
-    batch_fields = ("mlm_ids", "mlm_labels")
+    batch_fields = ("mlm_ids", "mlm_labels")  # masked ids, labels (original id where masked, 0 elsewhere)
     param_roles = {"cross_attn": "cross", "cross_modal_transformer": "cross", "mlm_head": "classifier"}
 
     def __init__(self, embed_dim: int, vocab_size: int, depth: int = 4, weight: float = 1.0):
@@ -64,16 +64,19 @@ class MLMHead(Head):
         return self.ln_post(self.cross_modal_transformer(x))
 
     def forward(self, batch, out, encoder):
-        mlm_ids = batch["mlm_ids"]
+        ids_field, labels_field = self.batch_fields
+        masked_ids = batch[ids_field]
         # With IRRA's caption aliasing the first pass already encoded these ids: reuse it.
-        same = mlm_ids.shape == batch["caption_ids"].shape and torch.equal(mlm_ids, batch["caption_ids"])
-        text_tokens = out.text.tokens if same else encoder.encode_text(mlm_ids)
+        same = masked_ids.shape == batch["caption_ids"].shape and torch.equal(masked_ids, batch["caption_ids"])
+        text_tokens = out.text.tokens if same else encoder.encode_text(masked_ids)
         x = self.cross_former(text_tokens, out.image.tokens)
-        labels = batch["mlm_labels"].reshape(-1)
+        labels = batch[labels_field].reshape(-1)
         labelled = labels != 0
         # The vocabulary classifier runs only at labelled positions: the loss (cross-entropy with
         # ignore_index 0, as IRRA) and the accuracy are the same, at a fraction of the cost.
         logits = self.mlm_head(x.reshape(-1, x.shape[-1])[labelled]).float()
         targets = labels[labelled]
-        return {"mlm_loss": self.weight * F.cross_entropy(logits, targets),
-                "mlm_acc": accuracy(logits, targets)}
+        if not len(targets):  # no caption of the batch has a label: nothing to predict
+            return {f"{self.name}_loss": x.sum() * 0.0, f"{self.name}_acc": x.new_zeros(())}
+        return {f"{self.name}_loss": self.weight * F.cross_entropy(logits, targets),
+                f"{self.name}_acc": accuracy(logits, targets)}
