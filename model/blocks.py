@@ -94,6 +94,22 @@ class ResidualAttentionBlock(nn.Module):
         x = x + self.attn(h, h, h, causal=causal)
         return x + self.mlp(self.ln_2(x))
 
+    @torch.no_grad()
+    def attention_row(self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """The block's attention probabilities for one query position per sample (``rows`` [B]) over
+        all keys, averaged over the heads: [B, L] (``nn.MultiheadAttention``'s need_weights output,
+        that row). Computed from the block input as the block computes it; no gradient."""
+        h = self.ln_1(x)
+        (w_q, w_k, _), (b_q, b_k, _) = self.attn.projection_weights(), self.attn.in_proj_bias.chunk(3)
+        batch, length, _ = h.shape
+        query = F.linear(h[torch.arange(batch, device=h.device), rows], w_q, b_q).view(batch, self.attn.heads, -1)
+        keys = self.attn._split(F.linear(h, w_k, b_k))  # [B, H, L, d]
+        logits = torch.einsum("bhd,bhld->bhl", query, keys) * query.shape[-1] ** -0.5
+        if causal:
+            later = torch.arange(length, device=h.device)[None, :] > rows[:, None]
+            logits = logits.masked_fill(later[:, None, :], float("-inf"))
+        return logits.float().softmax(dim=-1).mean(dim=1)
+
 
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int):
@@ -111,6 +127,13 @@ class Transformer(nn.Module):
             else:
                 x = block(x, causal=causal)
         return x
+
+    def forward_with_attention(self, x: torch.Tensor, rows: torch.Tensor, causal: bool = False
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and the last block's head-averaged attention row of query ``rows`` [B]."""
+        x = self(x, causal, blocks=self.layers - 1)
+        last = self.resblocks[-1]
+        return last(x, causal=causal), last.attention_row(x, rows, causal)
 
     def init_weights(self, attn_std: float, proj_std: float, fc_std: float) -> None:
         """CLIP's initialisation of the blocks (also IRRA's for its cross-modal transformer)."""

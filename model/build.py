@@ -25,8 +25,9 @@ class TBPSModel(nn.Module):
 
     def encode(self, batch: Batch) -> EncoderOutput:
         fields = dict.fromkeys(key for head in self.heads.values() for key in head.text_fields)
-        return EncoderOutput(self.encoder.image_output(batch["images"]),
-                             self.encoder.text_output(batch["caption_ids"]),
+        attention = self.retrieval.needs_attention
+        return EncoderOutput(self.encoder.image_output(batch["images"], attention),
+                             self.encoder.text_output(batch["caption_ids"], attention),
                              {key: self.encoder.text_output(batch[key]) for key in fields})
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ class ImageOutput:
     tokens: torch.Tensor          # [B, 1+N, E] after ln_post and proj; token 0 = CLS
     global_feature: torch.Tensor  # [B, E] fp32: the CLS token
     hidden: torch.Tensor | None = None  # [B, 1+N, W] after ln_post, before proj (vision width)
+    attention: torch.Tensor | None = None  # [B, 1+N] the last block's head-averaged CLS attention row
 
 
 @dataclass
@@ -32,6 +33,7 @@ class TextOutput:
     tokens: torch.Tensor          # [B, L, E] after ln_final and text_projection
     global_feature: torch.Tensor  # [B, E] fp32: the EOT token
     hidden: torch.Tensor | None = None  # [B, L, W] after ln_final, before text_projection (text width)
+    attention: torch.Tensor | None = None  # [B, L] the last block's head-averaged EOT attention row
 
     @property
     def eot_index(self) -> torch.Tensor:
@@ -87,14 +89,23 @@ class VisionTransformer(nn.Module):
         x = self.conv1(images).flatten(2).transpose(1, 2)
         return x + self.positional_embedding[1:].to(x.dtype)
 
-    def forward(self, images: torch.Tensor, keep_patches: torch.Tensor | None = None) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor, keep_patches: torch.Tensor | None = None) -> torch.Tensor:
+        """The Transformer's input: CLS and the (kept) patch tokens with positions, after ln_pre."""
         patches = self.embed(images)
         if keep_patches is not None:  # drop tokens after the position embedding, before ln_pre
             index = keep_patches.unsqueeze(-1).expand(-1, -1, patches.shape[-1])
             patches = patches.gather(1, index)
         cls = (self.class_embedding + self.positional_embedding[0]).to(patches.dtype)
-        x = torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1)
-        return self.ln_post(self.transformer(self.ln_pre(x)))  # before ``proj``
+        return self.ln_pre(torch.cat([cls.expand(patches.shape[0], 1, -1), patches], dim=1))
+
+    def forward(self, images: torch.Tensor, keep_patches: torch.Tensor | None = None) -> torch.Tensor:
+        return self.ln_post(self.transformer(self.tokens(images, keep_patches)))  # before ``proj``
+
+    def forward_with_attention(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` and the last block's head-averaged CLS attention row [B, 1+N]."""
+        x = self.tokens(images)
+        x, attention = self.transformer.forward_with_attention(x, x.new_zeros(len(x), dtype=torch.long))
+        return self.ln_post(x), attention
 
 
 class CLIPEncoder(nn.Module):
@@ -159,17 +170,24 @@ class CLIPEncoder(nn.Module):
         x = self.token_embedding(text_ids) + self.positional_embedding
         return self.transformer(x, causal=True, blocks=blocks)
 
-    def image_output(self, images: torch.Tensor) -> ImageOutput:
-        """One pass over ``images``: hidden tokens, projected tokens and the CLS global feature."""
-        hidden = self.visual(images)
+    def image_output(self, images: torch.Tensor, attention: bool = False) -> ImageOutput:
+        """One pass over ``images``: hidden tokens, projected tokens and the CLS global feature (and,
+        with ``attention``, the last block's CLS attention row, computed beside it without gradient)."""
+        hidden, row = self.visual.forward_with_attention(images) if attention else (self.visual(images), None)
         tokens = hidden @ self.visual.proj
-        return ImageOutput(tokens, self.image_global(tokens), hidden)
+        return ImageOutput(tokens, self.image_global(tokens), hidden, row)
 
-    def text_output(self, text_ids: torch.Tensor) -> TextOutput:
-        """One pass over ``text_ids``: hidden tokens, projected tokens and the EOT global feature."""
-        hidden = self._text_hidden(text_ids)
+    def text_output(self, text_ids: torch.Tensor, attention: bool = False) -> TextOutput:
+        """One pass over ``text_ids``: hidden tokens, projected tokens and the EOT global feature (and,
+        with ``attention``, the last block's EOT attention row under the causal mask)."""
+        if attention:
+            x = self.token_embedding(text_ids) + self.positional_embedding
+            x, row = self.transformer.forward_with_attention(x, text_ids.argmax(dim=-1), causal=True)
+            hidden = self.ln_final(x)
+        else:
+            hidden, row = self._text_hidden(text_ids), None
         tokens = hidden @ self.text_projection
-        return TextOutput(text_ids, tokens, self.text_global(tokens, text_ids), hidden)
+        return TextOutput(text_ids, tokens, self.text_global(tokens, text_ids), hidden, row)
 
     @staticmethod
     def image_global(image_tokens: torch.Tensor) -> torch.Tensor:

@@ -46,6 +46,7 @@ class RetrievalDefinition:
         if len(rerankers) > 1:
             raise ConfigError(f"heads {', '.join(rerankers)} all re-rank; at most one head may")
         self.reranker: Head | None = heads[rerankers[0]] if rerankers else None
+        self.needs_attention = any(head.needs_attention for head in heads.values())
 
     @property
     def feature_sets(self) -> list[str]:
@@ -64,12 +65,13 @@ class RetrievalDefinition:
     @torch.no_grad()
     def encode_queries(self, encoder: CLIPEncoder, ids: torch.Tensor) -> tuple[Features, Features]:
         """(fp32 features per set, re-ranking cache) of a batch of captions, from one text pass."""
-        return self._collect(encoder.text_output(ids), "query_features", "rerank_query_cache")
+        return self._collect(encoder.text_output(ids, self.needs_attention), "query_features", "rerank_query_cache")
 
     @torch.no_grad()
     def encode_gallery(self, encoder: CLIPEncoder, images: torch.Tensor) -> tuple[Features, Features]:
         """(fp32 features per set, re-ranking cache) of a batch of images, from one image pass."""
-        return self._collect(encoder.image_output(images), "gallery_features", "rerank_gallery_cache")
+        return self._collect(encoder.image_output(images, self.needs_attention), "gallery_features",
+                             "rerank_gallery_cache")
 
     def _collect(self, output: ImageOutput | TextOutput, features_method: str, cache_method: str
                  ) -> tuple[Features, Features]:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ddp_reference import fixed_batch, fixed_patch_order, tiny_config
-from model.blocks import MultiheadAttention
+from model.blocks import MultiheadAttention, Transformer
 from model.build import build_model
 from processor.processor import EpochTrainer
 
@@ -175,3 +175,26 @@ def test_compiled_towers_give_the_same_loss_and_keys():
     compiled = model(batch)["sdm_loss"]
     assert compiled.item() == pytest.approx(eager.item(), abs=1e-4)
     assert list(model.state_dict()) == keys  # checkpoints stay interchangeable
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_row_equals_torch_need_weights(causal):
+    """RDE's token selection reads the last block's head-averaged attention (CLIP's
+    ``nn.MultiheadAttention`` with need_weights); ours computes one query row of it."""
+    torch.manual_seed(0)
+    transformer = Transformer(64, 3, 4)
+    for block in transformer.resblocks:
+        nn.init.normal_(block.attn.in_proj_bias, std=0.1)
+    x, rows = torch.randn(3, 11, 64), torch.tensor([0, 6, 10])
+    out, attention = transformer.forward_with_attention(x, rows, causal)
+    assert torch.equal(out, transformer(x, causal))
+    last = transformer.resblocks[-1]
+    ref = nn.MultiheadAttention(64, 4, batch_first=True)
+    ref.load_state_dict(last.attn.state_dict())
+    h = last.ln_1(transformer(x, causal, blocks=2))
+    mask = torch.ones(11, 11, dtype=torch.bool).triu(1) if causal else None
+    weights = ref(h, h, h, need_weights=True, average_attn_weights=True, attn_mask=mask)[1]
+    torch.testing.assert_close(attention, weights[torch.arange(3), rows], atol=1e-6, rtol=1e-5)
+    assert torch.allclose(attention.sum(dim=1), torch.ones(3))
+    if causal:
+        assert attention[0, 1:].eq(0).all() and attention[1, 7:].eq(0).all()

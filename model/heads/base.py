@@ -82,6 +82,9 @@ class Head(nn.Module):
     text_fields: ClassVar[tuple[str, ...]] = ()
     # Heads this one uses (e.g. a shared cross encoder): built with it even if not in loss_names.
     requires: ClassVar[tuple[str, ...]] = ()
+    # True: encoder passes (training and evaluation) also return the last blocks' attention rows
+    # (``ImageOutput.attention``: CLS row, ``TextOutput.attention``: EOT row).
+    needs_attention: ClassVar[bool] = False
     # Optimizer role of child modules ('cross' or 'classifier'); other parameters are 'base'.
     param_roles: ClassVar[dict[str, str]] = {}
     # >0: this head re-scores each query's first-stage top ``rerank_k`` gallery items.
@@ -149,8 +152,9 @@ class Head(nn.Module):
         return second
 
     # ---------------------------------------------------------------- training: per-epoch state
-    def before_epoch(self, context: EpochContext) -> None:
-        """Called before every training epoch (after resume too); may keep per-sample state."""
+    def before_epoch(self, context: EpochContext) -> dict[str, float] | None:
+        """Called before every training epoch (after resume too); may keep per-sample state and
+        return scalars to log for the epoch (TensorBoard ``train/<key>``)."""
 
     def training_state(self) -> dict[str, Any]:
         """State kept across epochs besides parameters and buffers (saved in ``last.pth``)."""
