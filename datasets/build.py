@@ -17,6 +17,7 @@ from .bases import BaseDataset, DatasetError
 from .cache import DecodedImageCache
 from .captions import CaptionAugmentation
 from .fields import FieldBuilder, SampleSource, build_fields
+from .noise import inject_noise
 from .sampler import RandomIdentitySampler, RandomIdNumSampler
 from .transforms import build_tensor_transforms, build_transforms
 
@@ -47,8 +48,9 @@ class ImageTextDataset(Dataset):
 
     def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
                  fields: list[FieldBuilder] | None = None, cache: DecodedImageCache | None = None,
-                 augment: CaptionAugmentation | None = None):
+                 augment: CaptionAugmentation | None = None, is_clean: list[bool] | None = None):
         self.records = records
+        self.is_clean = is_clean or [True] * len(records)
         self.cache = cache  # indexed by image_id; ``transform`` then takes uint8 tensors
         self.transform = transform
         self.tokenizer = tokenizer
@@ -96,7 +98,7 @@ class ImageTextDataset(Dataset):
         ids = self.augment(caption, self.tokenizer, self.text_length)
         sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids,
                   "replaced": int(used != index)}
-        source = SampleSource(used, pid, image_id, caption, image, self.transform)
+        source = SampleSource(used, pid, image_id, caption, image, self.transform, self.is_clean[used])
         for build in self.fields:
             build(sample, source)
         return sample
@@ -209,8 +211,9 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
     cache = open_cache(cfg, dataset, "train", dataset.train_image_paths())
     transform = build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value) if cache is None else \
         build_tensor_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value)
-    train_set = ImageTextDataset(dataset.train, transform, tokenizer, cfg.text_length, fields, cache,
-                                 CaptionAugmentation.from_config(cfg))
+    records, is_clean = inject_noise(dataset.train, cfg.noisy_rate, cfg.noise_seed, cfg.noisy_file)
+    train_set = ImageTextDataset(records, transform, tokenizer, cfg.text_length, fields, cache,
+                                 CaptionAugmentation.from_config(cfg), is_clean)
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler in ("identity", "idrannum"):

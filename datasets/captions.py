@@ -20,6 +20,10 @@ SETTINGS = (
     Setting("text_mask_corruption", False, "UIT: SEN's in-place MLM corruption of the training caption"),
     Setting("corruption_key_prob", 0.3, "its selection rate for key-word (noun/adjective) pieces", **PROBABILITY),
     Setting("corruption_other_prob", 0.05, "... and for every other piece", **PROBABILITY),
+    Setting("txt_aug_prob", 0.0, "RDE's txt_aug: each caption token is augmented with this probability "
+            "(RDE: 0.2; 0 = off)", **PROBABILITY),
+    Setting("txt_aug_mask", 0.6, "... of which this share becomes <|mask|>", **PROBABILITY),
+    Setting("txt_aug_random", 0.2, "... this share a random token (the rest is deleted)", **PROBABILITY),
 )
 declare("caption augmentation", SETTINGS)
 
@@ -61,6 +65,25 @@ def mask_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, cfg: MaskingConfi
     return masked, labels
 
 
+def augment_tokens(ids: torch.Tensor, tokenizer: SimpleTokenizer, prob: float, mask_share: float = 0.6,
+                   random_share: float = 0.2, rng: random.Random | None = None) -> torch.Tensor:
+    """RDE's txt_aug (QinYang79/RDE @ b3fd396, datasets/bases.py txt_data_aug): each caption token
+    (0 < id < <|mask|>) is, with probability ``prob``, replaced by <|mask|> (``mask_share``), by a
+    random token 1..mask_id-1 (``random_share``) or deleted (the rest; later tokens move left and
+    the tail is zero-filled). SOT, EOT and padding never change."""
+    rng = rng or random
+    out = []
+    for token in ids.tolist():
+        draw = rng.random() if 0 < token < tokenizer.mask_id else 1.0
+        if draw >= prob:
+            out.append(token)
+        elif draw / prob < mask_share:  # one draw per token, rescaled, as RDE
+            out.append(tokenizer.mask_id)
+        elif draw / prob < mask_share + random_share:
+            out.append(rng.randrange(1, tokenizer.mask_id))
+    return torch.tensor(out + [0] * (len(ids) - len(out)), dtype=ids.dtype)
+
+
 def encode_with_key_words(caption: str, tokenizer: SimpleTokenizer,
                           text_length: int) -> tuple[torch.Tensor, list[bool]]:
     """``tokenize(caption)`` and, for each of its positions, whether it is a BPE piece of a key
@@ -80,20 +103,23 @@ class CaptionAugmentation:
 
     UIT's augmentations, in SEN's order: with ``prune_prob`` the caption is pruned to its key words
     before tokenisation; then, if ``corruption`` is set, its pieces are MLM-corrupted in place
-    (key-word pieces selected with ``key_prob``, others ``other_prob``). The result is the caption
-    every head sees in that step."""
+    (key-word pieces selected with ``key_prob``, others ``other_prob``). RDE's token augmentation
+    (``txt_aug_prob`` > 0) comes last. The result is the caption every head sees in that step."""
     prune_prob: float = 0.0
     prune_mode: str = "pos_approx"
     corruption: MaskingConfig | None = None
     key_prob: float = 0.3
     other_prob: float = 0.05
+    txt_aug_prob: float = 0.0
+    txt_aug_mask: float = 0.6
+    txt_aug_random: float = 0.2
 
     @classmethod
     def from_config(cls, cfg) -> "CaptionAugmentation":
         corruption = MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) \
             if cfg.text_mask_corruption else None
         return cls(cfg.text_prune_prob, cfg.text_prune_mode, corruption, cfg.corruption_key_prob,
-                   cfg.corruption_other_prob)
+                   cfg.corruption_other_prob, cfg.txt_aug_prob, cfg.txt_aug_mask, cfg.txt_aug_random)
 
     def __call__(self, caption: str, tokenizer: SimpleTokenizer, text_length: int,
                  rng: random.Random | None = None) -> torch.Tensor:
@@ -101,7 +127,11 @@ class CaptionAugmentation:
         if self.prune_prob > 0 and rng.random() < self.prune_prob:
             caption = prune_caption(caption, self.prune_mode)
         if self.corruption is None:
-            return tokenize(caption, tokenizer, text_length)
-        ids, key = encode_with_key_words(caption, tokenizer, text_length)
-        probs = [self.key_prob if k else self.other_prob for k in key]
-        return mask_tokens(ids, tokenizer, self.corruption, rng, probs)[0]
+            ids = tokenize(caption, tokenizer, text_length)
+        else:
+            ids, key = encode_with_key_words(caption, tokenizer, text_length)
+            probs = [self.key_prob if k else self.other_prob for k in key]
+            ids = mask_tokens(ids, tokenizer, self.corruption, rng, probs)[0]
+        if self.txt_aug_prob > 0:
+            ids = augment_tokens(ids, tokenizer, self.txt_aug_prob, self.txt_aug_mask, self.txt_aug_random, rng)
+        return ids

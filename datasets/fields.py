@@ -29,6 +29,7 @@ class SampleSource:
     caption: str          # the raw caption (before augmentation)
     image: Any            # PIL image, or a uint8 [3, H, W] tensor from the decoded-image cache
     transform: Callable[[Any], torch.Tensor]
+    clean: bool = True    # False: the caption was moved here by noise injection (datasets/noise.py)
 
 
 class FieldBuilder:
@@ -104,6 +105,16 @@ class SampleIndex(FieldBuilder):
 
     def __call__(self, sample, source):
         sample["index"] = source.index
+
+
+@register_field
+class IsClean(FieldBuilder):
+    """``is_clean``: 1 if the sample kept its own caption, 0 if noise injection gave it another's
+    (for diagnostics such as the precision of a clean/noisy division)."""
+    keys = ("is_clean",)
+
+    def __call__(self, sample, source):
+        sample["is_clean"] = int(source.clean)
 
 
 @register_field

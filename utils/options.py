@@ -19,6 +19,7 @@ import yaml
 
 import datasets.captions  # noqa: F401  (declares the caption augmentation settings)
 import datasets.fields  # noqa: F401  (declares the batch-field settings)
+import datasets.noise  # noqa: F401  (declares the noise-injection settings)
 from model.heads import HEADS, parse_loss_names, with_required
 
 from .errors import ConfigError
