@@ -152,10 +152,11 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
         if hasattr(train_loader.sampler, "set_epoch"):
             train_loader.sampler.set_epoch(epoch)
         context = TrainingSetPass(bare, train_loader, device, epoch, trainer.step.amp_dtype)
+        epoch_stats: dict[str, float] = {}
         for head in bare.heads.values():
-            head.before_epoch(context)
+            epoch_stats.update(head.before_epoch(context) or {})
         try:
-            stats = trainer.run(train_loader, epoch)
+            stats = {**epoch_stats, **trainer.run(train_loader, epoch)}
         except TrainingDiverged:  # keep the weights of the last finite step for inspection
             save_last(epoch - 1)
             if main:

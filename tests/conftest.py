@@ -308,3 +308,20 @@ def encoder_output(image_global: torch.Tensor, text_global: torch.Tensor):
     ids = torch.full((len(text_global), 1), 49407)
     return EncoderOutput(ImageOutput(image_global[:, None], image_global),
                          TextOutput(ids, text_global[:, None], text_global))
+
+
+def train_until_killed_after_epoch_one(monkeypatch, train_args: list[str]) -> None:
+    """Run train.py's main on ``train_args`` as a process that dies right after epoch 1's checkpoint."""
+    import processor.processor as processor
+    import train as train_entry
+    real_save = processor.save_training_state
+
+    def save_then_crash(path, model, optimizer, scheduler, epoch, *rest):
+        real_save(path, model, optimizer, scheduler, epoch, *rest)
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(processor, "save_training_state", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            train_entry.main(train_args)

@@ -29,7 +29,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
     ("lgur", ("lgur_rank", "lgur_rank_dict", "lgur_rank_text", "lgur_rank_image")),
     # SCMM-style: Sew on the gathered batch (margins from every process's captions)
     ("sew+id", ("sew_loss",)),
-], ids=["irra-uit", "aptm", "lgur", "sew"])
+    # RDE: TAL on the gathered batch for both embeddings (BGE and TSE)
+    ("tal+tse", ("tal_loss", "tse_loss")),
+], ids=["irra-uit", "aptm", "lgur", "sew", "rde"])
 def test_two_processes_equal_one_on_the_global_batch(tmp_path, loss_names, global_losses):
     out = tmp_path / "ddp.pt"
     proc = subprocess.run([*TORCHRUN, str(REPO / "tests/ddp_worker.py"), str(out), loss_names], cwd=REPO, env=ENV,

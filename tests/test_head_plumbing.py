@@ -13,9 +13,8 @@ import pytest
 import torch
 import yaml
 
-import processor.processor as processor
 import train as train_entry
-from conftest import demo_config
+from conftest import demo_config, train_until_killed_after_epoch_one
 from datasets import build_dataset
 from datasets.build import build_train_loader
 from datasets.fields import FIELD_BUILDERS
@@ -152,18 +151,8 @@ def test_per_epoch_state_is_resumed_exactly(toy_root, tmp_path, monkeypatch, cus
     straight = tmp_path / "straight"
     train_entry.main([*args, "--output_dir", str(straight)])
 
-    real_save = processor.save_training_state
-
-    def save_then_crash(path, model, optimizer, scheduler, epoch, *rest):
-        real_save(path, model, optimizer, scheduler, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(processor, "save_training_state", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_entry.main([*args, "--output_dir", str(interrupted)])
-    monkeypatch.undo()
+    train_until_killed_after_epoch_one(monkeypatch, [*args, "--output_dir", str(interrupted)])
     after_one = torch.load(interrupted / "last.pth", weights_only=False)["heads"]["test_epoch"]
     assert after_one["passes"] == 1
     train_entry.main([*args, "--output_dir", str(interrupted), "--resume"])

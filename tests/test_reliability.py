@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import processor.processor as processor
 import test as test_entry
 import train as train_entry
+from conftest import train_until_killed_after_epoch_one
 from datasets.toy import generate_toy_dataset
 from test_end_to_end import REPO, TINY
 from model.build import build_model
@@ -49,18 +49,9 @@ def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch, workers, meth
     straight = tmp_path / "straight"
     train_entry.main(_args(toy_root, straight, "--num_epoch", "3", "--num_workers", workers, *method))
 
-    real_save = processor.save_training_state
-
-    def save_then_crash(path, model, optimizer, scheduler, epoch, *rest):
-        real_save(path, model, optimizer, scheduler, epoch, *rest)
-        if epoch == 1:
-            raise KeyboardInterrupt  # the process dies right after epoch 1's checkpoint
-
     interrupted = tmp_path / "interrupted"
-    monkeypatch.setattr(processor, "save_training_state", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method))
-    monkeypatch.undo()
+    train_until_killed_after_epoch_one(
+        monkeypatch, _args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method))
     train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method, "--resume"))
 
     a, b = _results(straight), _results(interrupted)
@@ -240,7 +231,7 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
                                 f"error: {root}/nokey/CUHK-PEDES/reid_raw.json: entry 1 lacks key(s) file_path"),
         "unknown loss name": (["--loss_names", "sdm+idd"],
                               "error: unknown loss name 'idd' in loss_names 'sdm+idd'; known: aptm_fusion, aptm_itc, aptm_mlm, "
-                              "cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tir"),
+                              "ccd, cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tal, tir, trl, tse"),
         "unknown dataset": (["--dataset_name", "Market-1501"],
                             "error: unknown dataset_name 'Market-1501'; known: CUHK-PEDES, ICFG-PEDES, RSTPReid"),
         "unknown config key": (["--config_file", f"{root}/bad.yaml"],
