@@ -14,9 +14,9 @@ from datasets import DatasetError, build_dataset
 from datasets.build import build_eval_loaders, read_image
 from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
 from model.build import TBPSModel, build_encoder, build_model
-from model.clip_loading import CheckpointError, load_strict
 from model.heads import parse_loss_names
 from model.heads.tir import patchify, to_grayscale, unpatchify
+from model.run import load_run_checkpoint
 from processor.evaluation import Evaluation, Evaluator
 from utils.comm import get_rank, get_world_size, init_distributed
 from utils.errors import ConfigError, run_cli
@@ -25,17 +25,6 @@ from utils.metrics import results_table
 from utils.options import build_parser, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 from utils.visualize import restoration_grid, retrieval_grid
-
-
-def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """Strict load of one of our checkpoints; a mismatch names the missing/unexpected keys."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__})") from None
-    load_strict(model, state, path)
 
 
 def main(argv: list[str] | None = None) -> dict:

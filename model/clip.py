@@ -167,8 +167,12 @@ class CLIPEncoder(nn.Module):
     def text_states(self, text_ids: torch.Tensor, blocks: int | None = None) -> torch.Tensor:
         """The text stream after the first ``blocks`` Transformer blocks (all by default), before
         ``ln_final``: [B, L, W]. For heads that continue from an intermediate layer."""
-        x = self.token_embedding(text_ids) + self.positional_embedding
-        return self.transformer(x, causal=True, blocks=blocks)
+        return self.transformer(self.embed_text(text_ids), causal=True, blocks=blocks)
+
+    def embed_text(self, text_ids: torch.Tensor) -> torch.Tensor:
+        """Token + position embeddings, [B, L, W]; L may be shorter than the context (the causal
+        mask makes every token's output independent of the positions after it)."""
+        return self.token_embedding(text_ids) + self.positional_embedding[:text_ids.shape[1]]
 
     def image_output(self, images: torch.Tensor, attention: bool = False) -> ImageOutput:
         """One pass over ``images``: hidden tokens, projected tokens and the CLS global feature (and,
@@ -181,8 +185,8 @@ class CLIPEncoder(nn.Module):
         """One pass over ``text_ids``: hidden tokens, projected tokens and the EOT global feature (and,
         with ``attention``, the last block's EOT attention row under the causal mask)."""
         if attention:
-            x = self.token_embedding(text_ids) + self.positional_embedding
-            x, row = self.transformer.forward_with_attention(x, text_ids.argmax(dim=-1), causal=True)
+            x, row = self.transformer.forward_with_attention(self.embed_text(text_ids), text_ids.argmax(dim=-1),
+                                                             causal=True)
             hidden = self.ln_final(x)
         else:
             hidden, row = self._text_hidden(text_ids), None

@@ -7,7 +7,6 @@ requested image size and stride (bilinear, CLS row kept).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import urllib.error
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.errors import UserError
+from utils.iotools import file_sha256
 
 from .clip import CLIPConfig, CLIPEncoder
 
@@ -38,21 +38,13 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be found, downloaded, read or matched to the model."""
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def download_openai_checkpoint(name: str, cache_dir: str | Path | None = None) -> Path:
     """Path of OpenAI's ``name`` checkpoint in ``~/.cache/clip``, downloading it if needed."""
     sha, file_name = OPENAI_MODELS[name]
     url = _OPENAI_URL.format(sha=sha, file=file_name)
     cache = Path(cache_dir or Path.home() / ".cache" / "clip")
     target = cache / file_name
-    if target.is_file() and _sha256(target) == sha:
+    if target.is_file() and file_sha256(target) == sha:
         return target
     cache.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".part")
@@ -66,7 +58,7 @@ def download_openai_checkpoint(name: str, cache_dir: str | Path | None = None) -
         raise CheckpointError(
             f"cannot download CLIP {name} from {url} ({err}); offline? Put the file at {target} "
             f"or pass --pretrain_choice PATH") from None
-    if _sha256(partial) != sha:
+    if file_sha256(partial) != sha:
         partial.unlink(missing_ok=True)
         raise CheckpointError(f"downloaded CLIP {name} does not match its SHA-256 {sha}")
     os.replace(partial, target)

@@ -1,6 +1,7 @@
 """Logging set-up, seeding, device choice and atomic file writes."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -81,3 +82,12 @@ def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
 
 def write_json(obj: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
