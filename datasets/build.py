@@ -25,13 +25,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = True
 logger = logging.getLogger(__name__)
 
 
-def read_image(path: str) -> Image.Image | None:
-    """The image as RGB, or None (with a warning naming it) if it cannot be read."""
+def read_image(path: str, warn: bool = True) -> Image.Image | None:
+    """The image as RGB, or None (with a warning naming it, unless ``warn`` is off) if it cannot be read."""
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        logger.warning("cannot read image %s: %s", path, err)
+        if warn:
+            logger.warning("cannot read image %s: %s", path, err)
         return None
 
 
@@ -107,14 +108,15 @@ class ImageTextDataset(Dataset):
 class ImageDataset(Dataset):
     """Gallery images: (index, pid, image tensor or None if unreadable, path)."""
 
-    def __init__(self, pids: list[int], paths: list[str], transform, cache: DecodedImageCache | None = None):
-        self.pids, self.paths, self.transform, self.cache = pids, paths, transform, cache
+    def __init__(self, pids: list[int], paths: list[str], transform, cache: DecodedImageCache | None = None,
+                 quiet: bool = False):
+        self.pids, self.paths, self.transform, self.cache, self.quiet = pids, paths, transform, cache, quiet
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        image = read_image(self.paths[index]) if self.cache is None else self.cache[index]
+        image = read_image(self.paths[index], warn=not self.quiet) if self.cache is None else self.cache[index]
         return index, self.pids[index], None if image is None else self.transform(image), self.paths[index]
 
 

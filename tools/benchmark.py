@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import tempfile
 import time
 from itertools import islice
 from pathlib import Path
@@ -27,7 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets import build_dataset  # noqa: E402
 from datasets.build import build_eval_loaders, build_train_loader  # noqa: E402
+from gallery.files import ImageFile  # noqa: E402
+from gallery.index import SearchIndex, update_index  # noqa: E402
+from gallery.searcher import Searcher  # noqa: E402
 from model.build import build_model, configure_heads  # noqa: E402
+from model.run import TrainedRun  # noqa: E402
 from processor.evaluation import Evaluator  # noqa: E402
 from processor.train_step import TrainStep  # noqa: E402
 from solver.build import build_optimizer  # noqa: E402
@@ -61,8 +66,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--loader_batches", type=int, default=10)
+    parser.add_argument("--search_gallery", type=int, default=100_000,
+                        help="rows of the (tiled) index that search queries are timed on; 0: no search figures")
+    parser.add_argument("--search_queries", type=int, default=50, help="test captions searched one at a time")
+    parser.add_argument("--search_index_images", type=int, default=64, help="test images indexed by search.py's "
+                        "indexer to time it")
     args = parser.parse_args(argv)
-    steps, warmup, loader_batches = (vars(args).pop(k) for k in ("steps", "warmup", "loader_batches"))
+    steps, warmup, loader_batches, search_gallery, search_queries, search_index_images = (
+        vars(args).pop(k) for k in ("steps", "warmup", "loader_batches", "search_gallery", "search_queries",
+                                    "search_index_images"))
     cfg = resolve(args)
     set_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -115,8 +127,41 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_seconds": eval_seconds,
         "loader_images_per_second": images_loaded / loader_seconds,
     }
+    if search_gallery:
+        result.update(search_figures(cfg, model, dataset, device, search_gallery, search_queries, search_index_images))
     print(json.dumps(result, indent=1))
     return result
+
+
+def search_figures(cfg, model, dataset, device: torch.device, gallery: int, queries: int, index_images: int) -> dict:
+    """search.py's indexing throughput on ``index_images`` test images, and its query latency (tokenise,
+    encode one sentence, score, top 10) over ``gallery`` rows made by repeating their features. A run
+    that re-ranks is timed on the indexed images alone (its cache would not fit repeated)."""
+    run = TrainedRun(Path("benchmark"), cfg, model.eval(), Path("benchmark"), "benchmark")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for i, path in enumerate(dataset.test.img_paths[:index_images]):
+            (folder / f"{i:06d}{Path(path).suffix}").symlink_to(Path(path).resolve())
+        report = update_index(run, folder, Path(tmp) / "index.pt", device, cfg.test_batch_size, cfg.num_workers,
+                              cfg.amp, save_every=float("inf"))
+        index = SearchIndex.load(Path(tmp) / "index.pt")
+    if model.retrieval.reranker is None:
+        rows = torch.arange(gallery) % len(index)
+        index.files = [ImageFile(f"{i:07d}.jpg", 0, 0) for i in range(gallery)]
+        index.features = index.features[rows].contiguous()
+    searcher = Searcher(run, index, device)
+    captions = dataset.test.captions[:queries]
+    searcher.search(captions[:1])  # warm-up
+    timings = []
+    for caption in captions:
+        searcher.search([caption], 10)
+        timings.append(searcher.timing)
+    median = {stage: statistics.median(t[stage] for t in timings) for stage in timings[0]}
+    totals = sorted(t["total"] for t in timings)
+    return {"search_index_images_per_second": report.images_per_second, "search_gallery_rows": len(index),
+            "search_query_ms_p50": median["total"], "search_query_ms_p90": totals[int(0.9 * (len(totals) - 1))],
+            "search_query_ms_p50_by_stage": {k: v for k, v in median.items() if k != "total"}}
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """A picture of retrieval results: per query, its caption then the top gallery images, framed green
-(true match) or red (wrong)."""
+(true match) or red (wrong), or gray where identities are unknown (searching your own images)."""
 from __future__ import annotations
 
 import textwrap
@@ -11,32 +11,41 @@ CAPTION_WIDTH = 320
 THUMB = (64, 128)  # width, height
 FRAME = 4
 PAD = 6
-GREEN, RED = (40, 170, 60), (210, 40, 40)
+GREEN, RED, GRAY = (40, 170, 60), (210, 40, 40), (150, 150, 150)
+LABEL = 14  # height of the text line under a labelled thumbnail
 
 
-def grid_size(num_queries: int, top: int = 10) -> tuple[int, int]:
+def grid_size(num_queries: int, top: int = 10, labelled: bool = False) -> tuple[int, int]:
     """(width, height) of the picture for ``num_queries`` rows of ``top`` images."""
-    cell_w, cell_h = THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD
+    cell_w, cell_h = _cell(labelled)
     return CAPTION_WIDTH + top * cell_w + PAD, num_queries * cell_h + PAD
 
 
-def retrieval_grid(captions: list[str], query_pids: list[int], ranked_paths: list[list[str]],
-                   ranked_pids: list[list[int]], top: int = 10) -> Image.Image:
-    """One row per query: its caption, then its ranked gallery images (paths and pids, best first)."""
-    width, height = grid_size(len(captions), top)
+def _cell(labelled: bool) -> tuple[int, int]:
+    return THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD + (LABEL if labelled else 0)
+
+
+def retrieval_grid(captions: list[str], query_pids: list[int] | None, ranked_paths: list[list[str]],
+                   ranked_pids: list[list[int]] | None, top: int = 10,
+                   labels: list[list[str]] | None = None) -> Image.Image:
+    """One row per query: its caption, then its ranked gallery images (best first), framed green or
+    red by whether their pid is the query's, or gray without pids; ``labels`` go under the images."""
+    width, height = grid_size(len(captions), top, labels is not None)
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
-    cell_w, cell_h = THUMB[0] + 2 * FRAME + PAD, THUMB[1] + 2 * FRAME + PAD
+    cell_w, cell_h = _cell(labels is not None)
     for row, caption in enumerate(captions):
         y = PAD + row * cell_h
         draw.multiline_text((PAD, y), "\n".join(textwrap.wrap(caption, 48)[:9]), fill="black", font=font)
-        for col, (path, pid) in enumerate(zip(ranked_paths[row][:top], ranked_pids[row][:top])):
+        for col, path in enumerate(ranked_paths[row][:top]):
             x = CAPTION_WIDTH + col * cell_w
-            colour = GREEN if pid == query_pids[row] else RED
+            colour = GRAY if ranked_pids is None else GREEN if ranked_pids[row][col] == query_pids[row] else RED
             draw.rectangle((x, y, x + THUMB[0] + 2 * FRAME - 1, y + THUMB[1] + 2 * FRAME - 1), fill=colour)
             with Image.open(path) as image:
                 canvas.paste(image.convert("RGB").resize(THUMB), (x + FRAME, y + FRAME))
+            if labels is not None:
+                draw.text((x, y + THUMB[1] + 2 * FRAME + 2), labels[row][col], fill="black", font=font)
     return canvas
 
 
