@@ -76,15 +76,16 @@ class MultiheadAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), MLP with QuickGELU (CLIP)."""
+    """Pre-LN block: x + MHA(LN(x)), then x + MLP(LN(x)), MLP with QuickGELU (OpenAI CLIP) or the
+    exact GELU (open_clip's and Hugging Face's non-OpenAI weights)."""
 
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, quick_gelu: bool = True):
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict([
             ("c_fc", nn.Linear(width, width * 4)),
-            ("gelu", QuickGELU()),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
             ("c_proj", nn.Linear(width * 4, width)),
         ]))
         self.ln_2 = LayerNorm(width)
@@ -112,11 +113,11 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width: int, layers: int, heads: int):
+    def __init__(self, width: int, layers: int, heads: int, quick_gelu: bool = True):
         super().__init__()
         self.width = width
         self.layers = layers
-        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, quick_gelu) for _ in range(layers))
         self.grad_checkpointing = False  # recompute each block's activations in the backward pass
 
     def forward(self, x: torch.Tensor, causal: bool = False, blocks: int | None = None) -> torch.Tensor:

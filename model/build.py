@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from .clip import CLIPConfig, CLIPEncoder
-from .clip_loading import load_openai_clip
+from .clip_loading import build_clip_encoder
+from .clip_sources import clip_weights
 from .heads import HEADS, Batch, EncoderOutput, Head, parse_loss_names, with_required
 from .retrieval import RetrievalDefinition
 
@@ -60,7 +61,8 @@ def encoder_config_from(cfg) -> CLIPConfig:
 
 
 def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
-    """CLIP from ``pretrain_choice`` (OpenAI name or checkpoint path) or from scratch (``none``).
+    """CLIP from ``pretrain_choice`` (OpenAI name or checkpoint path, ``open_clip:...``, ``hf:PATH``)
+    or from scratch (``none``).
 
     With ``load_weights=False`` the architecture is rebuilt from the saved ``clip`` section of a
     run config, so a trained run is evaluated without reading the pretrained checkpoint again.
@@ -71,7 +73,8 @@ def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
         return CLIPEncoder(CLIPConfig(**arch))
     if cfg.pretrain_choice == SCRATCH:
         return CLIPEncoder(encoder_config_from(cfg))
-    return load_openai_clip(cfg.pretrain_choice, tuple(cfg.img_size), cfg.stride_size, cfg.text_length)
+    return build_clip_encoder(clip_weights(cfg.pretrain_choice), tuple(cfg.img_size), cfg.stride_size, cfg.text_length,
+                              cfg.clip_activation)
 
 
 def configure_heads(cfg, dataset, tokenizer) -> None:

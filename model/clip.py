@@ -54,6 +54,15 @@ class CLIPConfig:
     text_layers: int = 12
     context_length: int = 77
     vocab_size: int = 49408
+    vision_heads: int = 0     # 0: width // 64 (OpenAI's rule)
+    text_heads: int = 0
+    quick_gelu: bool = True   # OpenAI's activation; open_clip / Hugging Face weights may use GELU
+
+    def heads(self, tower: str) -> int:
+        """Attention heads of the ``vision`` or ``text`` tower."""
+        heads, width = (self.vision_heads, self.vision_width) if tower == "vision" else (self.text_heads,
+                                                                                         self.text_width)
+        return heads or width // 64 or 1
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -80,7 +89,7 @@ class VisionTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(num_patches + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, cfg.vision_layers, width // 64 or 1)
+        self.transformer = Transformer(width, cfg.vision_layers, cfg.heads("vision"), cfg.quick_gelu)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, cfg.embed_dim))
 
@@ -117,7 +126,7 @@ class CLIPEncoder(nn.Module):
         self.visual = VisionTransformer(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
-        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_width // 64 or 1)
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.heads("text"), cfg.quick_gelu)
         self.ln_final = LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
         self._init_weights()

@@ -12,6 +12,7 @@ import os
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -142,22 +143,56 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: st
     model.load_state_dict(state)
 
 
-def load_openai_clip(choice: str, image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
-                     text_length: int = 77) -> CLIPEncoder:
-    """Build a ``CLIPEncoder`` from an OpenAI model name or checkpoint path (fp32 weights)."""
+@dataclass
+class ClipWeights:
+    """A CLIP state dict in OpenAI's key names and what its source says about the architecture."""
+    state: dict[str, torch.Tensor]
+    origin: str                      # where the weights came from, for messages
+    quick_gelu: bool | None = None   # None: the source does not say
+    vision_heads: int = 0            # 0: width // 64
+    text_heads: int = 0
+
+
+def openai_weights(choice: str) -> ClipWeights:
+    """An OpenAI model name (downloaded once, SHA-256 checked) or a checkpoint path."""
     path = download_openai_checkpoint(choice) if choice in OPENAI_MODELS else Path(choice)
-    state = {k: v for k, v in read_state_dict(path).items() if k not in IGNORED_KEYS}
+    return ClipWeights(read_state_dict(path), str(path), quick_gelu=True)
+
+
+def build_clip_encoder(weights: ClipWeights, image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
+                       text_length: int = 77, activation: str = "auto") -> CLIPEncoder:
+    """A ``CLIPEncoder`` holding ``weights`` (fp32), position embeddings resized to ``image_size``.
+    ``activation``: ``auto`` (what the source says; exact GELU when it says nothing), ``quick_gelu``
+    or ``gelu``."""
+    state = {k: v for k, v in weights.state.items() if k not in IGNORED_KEYS}
     try:
         cfg = infer_config(state, image_size, stride_size)
     except CheckpointError as err:
-        raise CheckpointError(f"{path}: {err}") from None
+        raise CheckpointError(f"{weights.origin}: {err}") from None
     if text_length != cfg.context_length:
         raise CheckpointError(
-            f"text_length {text_length} differs from the context length {cfg.context_length} of {path}")
+            f"text_length {text_length} differs from the context length {cfg.context_length} of {weights.origin}")
+    quick_gelu = weights.quick_gelu if activation == "auto" else activation == "quick_gelu"
+    if quick_gelu is None:
+        logger.info("%s does not say which activation it uses: exact GELU (open_clip's default; set "
+                    "clip_activation quick_gelu for weights derived from OpenAI's)", weights.origin)
+        quick_gelu = False
+    cfg = replace(cfg, quick_gelu=quick_gelu, vision_heads=weights.vision_heads, text_heads=weights.text_heads)
+    for tower in ("vision", "text"):
+        width = cfg.vision_width if tower == "vision" else cfg.text_width
+        if width % cfg.heads(tower):
+            raise CheckpointError(f"{weights.origin}: {tower} width {width} is not divisible by "
+                                  f"{cfg.heads(tower)} heads")
     model = CLIPEncoder(cfg)
     key = "visual.positional_embedding"
     if state[key].shape != model.visual.positional_embedding.shape:
         state[key] = resize_pos_embed(state[key], cfg.grid_size)
-    load_strict(model, {k: v.float() for k, v in state.items()}, path)
-    logger.info("loaded CLIP from %s (%s)", path, cfg)
+    load_strict(model, {k: v.float() for k, v in state.items()}, weights.origin)
+    logger.info("loaded CLIP from %s (%s)", weights.origin, cfg)
     return model
+
+
+def load_openai_clip(choice: str, image_size: tuple[int, int] = (384, 128), stride_size: int = 16,
+                     text_length: int = 77) -> CLIPEncoder:
+    """Build a ``CLIPEncoder`` from an OpenAI model name or checkpoint path (fp32 weights)."""
+    return build_clip_encoder(openai_weights(choice), image_size, stride_size, text_length)

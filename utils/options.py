@@ -47,7 +47,10 @@ CORE = (
     S("grad_checkpointing", False, "recompute encoder activations in backward (less memory)"),
     S("compile", False, "torch.compile the encoder towers"),
     # model
-    S("pretrain_choice", "ViT-B/16", "OpenAI CLIP name, checkpoint path, or 'none' (from scratch)"),
+    S("pretrain_choice", "ViT-B/16", "OpenAI CLIP name or checkpoint path, open_clip:MODEL[:TAG], open_clip:PATH, "
+      "hf:PATH (a Hugging Face CLIPModel folder), or 'none' (from scratch)"),
+    S("clip_activation", "auto", "MLP activation of the loaded CLIP: auto (what its source says; exact GELU "
+      "for a bare open_clip file), quick_gelu, gelu", choices=("auto", "quick_gelu", "gelu")),
     S("temperature", 0.02, "softmax temperature of the contrastive heads (logit scale 1/temperature)", low=1e-6),
     S("img_size", [384, 128], "image height and width"),
     S("stride_size", 16, "patch stride of the ViT (equal to the patch size: no overlap)", low=1),
