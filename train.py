@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
 from model.build import build_model, configure_heads
+from model.run import initialise_from_run, run_architecture
 from processor.evaluation import Evaluator
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = SimpleTokenizer()
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
     configure_heads(cfg, dataset, tokenizer)
-    model = build_model(cfg, dataset.num_classes).to(device)
+    if cfg.init_from:  # the encoder of that run, not pretrain_choice
+        cfg.clip = run_architecture(cfg.init_from)
+    model = build_model(cfg, dataset.num_classes, load_weights=not cfg.init_from)
+    if cfg.init_from:
+        for line in initialise_from_run(model, cfg.init_from):
+            logger.info(line)
+    model = model.to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
     if cfg.compile:
         model.encoder.compile_towers()

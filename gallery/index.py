@@ -27,7 +27,7 @@ from datasets.transforms import build_transforms
 from model.retrieval import normalise
 from model.run import TrainedRun
 from utils.errors import UserError
-from utils.iotools import save_checkpoint
+from utils.iotools import read_torch_file, save_checkpoint
 
 from .files import ImageFile, scan_images
 
@@ -91,12 +91,7 @@ class SearchIndex:
 
     @classmethod
     def load(cls, path: Path) -> "SearchIndex":
-        if not path.is_file():
-            raise SearchIndexError(f"index not found: {path}")
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # unpickling errors come in many types
-            raise SearchIndexError(f"cannot read index {path} ({type(err).__name__})") from None
+        data = read_torch_file(path, "index", SearchIndexError)
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SearchIndexError(f"{path} is not a search index made by search.py index")
         run = data["run"]

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.iotools import file_sha256
+from utils.iotools import file_sha256, read_torch_file
 from utils.options import build_parser, resolve
 
 from .build import TBPSModel, build_model
@@ -29,13 +29,48 @@ class TrainedRun:
 
 def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
     """Strict load of one of our checkpoints; a mismatch names the missing/unexpected keys."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except Exception as err:  # unpickling errors come in many types
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(err).__name__})") from None
-    load_strict(model, state, path)
+    load_strict(model, _model_state(path), path)
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    checkpoint = read_torch_file(path, "checkpoint", CheckpointError)
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
+        raise CheckpointError(f"{path} is not a checkpoint of ours (no 'model' state dict)")
+    return checkpoint["model"]
+
+
+def initialise_from_run(model: TBPSModel, run_dir: str | Path) -> list[str]:
+    """Load ``RUN_DIR/best.pth`` into ``model`` to start training from it (e.g. an imported run):
+    every encoder tensor must fit; head tensors load where our model has the same name and shape,
+    the others are reported. Returns the report lines."""
+    path = Path(run_dir) / "best.pth"
+    state = _model_state(path)
+    own = model.state_dict()
+    encoder = [k for k in own if k.startswith("encoder.")]
+    misfit = [k for k in encoder if k not in state or state[k].shape != own[k].shape]
+    if misfit:
+        raise CheckpointError(f"init_from {path}: the encoder does not fit ({len(misfit)} tensors, e.g. {misfit[0]})")
+    loaded = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(loaded, strict=False)
+    report = [f"initialised {len(loaded)} of {len(own)} tensors from {path}"]
+    fresh = sorted({k.split(".")[1] for k in own if k.startswith("heads.") and k not in loaded})
+    ignored = sorted({".".join(k.split(".")[:2]) for k in state if k not in loaded})
+    if fresh:
+        report.append(f"heads starting fresh: {', '.join(fresh)}")
+    if ignored:
+        report.append(f"left out of {path.name} (not in this model, or another shape): {', '.join(ignored)}")
+    return report
+
+
+def run_architecture(run_dir: str | Path) -> dict:
+    """The encoder architecture (``clip`` section) of a run's configs.yaml."""
+    config = Path(run_dir) / "configs.yaml"
+    if not config.is_file():
+        raise CheckpointError(f"init_from: no configs.yaml in {run_dir}")
+    arch = resolve(build_parser("").parse_args(["--config_file", str(config)])).__dict__.get("clip")
+    if not arch:
+        raise CheckpointError(f"init_from: {config} does not describe its encoder (no clip section)")
+    return arch
 
 
 def load_trained_run(config_file: str | Path) -> TrainedRun:

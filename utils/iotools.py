@@ -91,3 +91,15 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_torch_file(path: str | Path, what: str, error: type[Exception]) -> Any:
+    """``torch.load`` of tensors and plain containers onto the CPU; a missing or unreadable file
+    raises ``error`` with one line naming ``what`` and the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # unpickling errors come in many types
+        raise error(f"cannot read {what} {path} ({type(err).__name__})") from None

@@ -37,6 +37,8 @@ CORE = (
       "(blocks: t2i, i2t, t2i_rerank, t2i_<feature set>; metrics: R1, R5, R10, mAP, mINP)"),
     S("resume", False, "continue from RUN_DIR/last.pth (output_dir is the run directory)"),
     S("resume_ckpt_file", "", "continue from this file instead"),
+    S("init_from", "", "start training from another run of ours (RUN_DIR: its encoder and the heads it has; "
+      "e.g. one made by tools/import_run.py), not from pretrain_choice"),
     S("seed", 1, "seeds Python, NumPy, torch and the data loader"),
     S("deterministic", False, "torch.use_deterministic_algorithms"),
     S("max_nonfinite_steps", 10, "consecutive non-finite losses that stop the run", low=1),
