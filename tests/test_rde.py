@@ -403,3 +403,17 @@ def test_the_encoder_pass_carries_the_selection_rows():
     torch.testing.assert_close(out.image.attention.sum(1), torch.ones(8))
     eot = batch["caption_ids"].argmax(dim=1)
     assert (out.text.attention[:, 10:] == 0).all() and (out.text.attention[torch.arange(8), eot] > 0).all()
+
+
+def test_the_first_division_leaves_the_global_rng_alone():
+    """Importing scikit-learn draws from Python's global RNG (txt_aug's); a run must not depend on
+    whether another part of the process imported it first."""
+    import subprocess
+    import sys
+
+    from test_end_to_end import REPO
+    code = ("import random, numpy as np\nfrom model.heads.rde import clean_posterior\nrandom.seed(0)\n"
+            "state = random.getstate()\nclean_posterior(np.linspace(0, 1, 50), 'fast', 0)\n"
+            "assert random.getstate() == state\nprint('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "ok", out.stderr[-500:]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 
 import numpy as np
 import torch
@@ -347,9 +348,19 @@ GMM_SETTINGS = {"fast": dict(max_iter=10, tol=1e-2, reg_covar=5e-4),
                 "full": dict(max_iter=100, tol=1e-4, reg_covar=1e-6)}
 
 
+def gaussian_mixture_class():
+    """scikit-learn's GaussianMixture, imported on first use (scikit-learn is slow to import). Its
+    first import draws from Python's global RNG, which the caption augmentations use: the state is
+    put back, so a run does not depend on whether scikit-learn was imported before."""
+    state = random.getstate()
+    from sklearn.mixture import GaussianMixture
+    random.setstate(state)
+    return GaussianMixture
+
+
 def clean_posterior(losses: np.ndarray, gmm: str, random_state: int) -> np.ndarray:
     """Posterior of the low-mean component of a 2-component GMM on the min-max normalised losses."""
-    from sklearn.mixture import GaussianMixture  # imported here: scikit-learn is slow to import
+    GaussianMixture = gaussian_mixture_class()
     span = losses.max() - losses.min()
     normalised = ((losses - losses.min()) / (span if span > 0 else 1.0)).astype(np.float32).reshape(-1, 1)
     mixture = GaussianMixture(n_components=2, random_state=random_state, **GMM_SETTINGS[gmm]).fit(normalised)
