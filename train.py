@@ -1,10 +1,15 @@
 """Train a text-to-image person retrieval model: ``python train.py --config_file configs/demo.yaml``.
 
 ``--resume`` continues the run in ``--output_dir`` from its ``last.pth`` exactly as if it had not
-stopped; ``--resume_ckpt_file PATH`` continues from a given file.
+stopped; ``--resume_ckpt_file PATH`` continues from a given file. Nothing is written into the run
+directory before the config, the data, the model and the checkpoint to resume have been checked; a
+directory that already holds a run is refused unless ``--resume`` or ``--overwrite`` says what to do.
+Ctrl-C or SIGTERM stop with the command that continues the run.
 """
 from __future__ import annotations
 
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -20,12 +25,15 @@ from processor.evaluation import Evaluator
 from processor.processor import do_train
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
-from utils.errors import ConfigError, run_cli
+from utils.errors import ConfigError, Interrupted, UserError, run_cli, sigterm_as_interrupt
 from utils.comm import get_rank, get_world_size, init_distributed
-from utils.iotools import configure_determinism, set_seed, setup_logger
+from utils.iotools import configure_determinism, log_to_file, open_log_file, set_seed, setup_logger
 from utils.metrics import results_table
 from utils.options import build_parser, check_select_metric, resolve, save_config
 from utils.simple_tokenizer import SimpleTokenizer
+
+
+RUN_FILES = ("configs.yaml", "train_log.txt", "last.pth", "best.pth", "results.json")
 
 
 def run_directory(cfg) -> Path:
@@ -37,14 +45,55 @@ def run_directory(cfg) -> Path:
     return Path("logs") / cfg.dataset_name / f"{time.strftime('%Y%m%d_%H%M%S')}_{cfg.name}"
 
 
+def run_files(run_dir: Path) -> list[str]:
+    """The files of a run in ``run_dir`` (TensorBoard events included)."""
+    if not run_dir.is_dir():
+        return []
+    return [name for name in RUN_FILES if (run_dir / name).exists()] + \
+        sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
+
+
+def check_run_directory(run_dir: Path, cfg) -> None:
+    """Refuse, before anything is written, a run directory that cannot take this command."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"output_dir {run_dir} is a file, not a directory")
+    existing = run_files(run_dir)
+    continuing = cfg.resume or cfg.resume_ckpt_file
+    if existing and not continuing and not cfg.overwrite:
+        raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing[:4])}); continue it with --resume, "
+                          "or start over with --overwrite")
+    parent = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write the run directory {run_dir}: {parent} is not writable")
+
+
+def saved_epoch(path: Path) -> int:
+    """The epoch a ``last.pth`` holds (0: none); memory-mapped, so only that number is read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])  # our own file
+    except Exception:  # missing, or cut short by the interruption itself
+        return 0
+
+
+def continue_command(argv: list[str], run_dir: Path) -> str:
+    """The command that resumes this run."""
+    args = list(argv)
+    if "--output_dir" not in args:
+        args += ["--output_dir", str(run_dir)]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["python", "train.py", *args])
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     cfg = resolve(build_parser(__doc__).parse_args(argv))
+    run_dir = run_directory(cfg)
+    check_run_directory(run_dir, cfg)
     device = init_distributed(cfg.device)
     rank, world_size = get_rank(), get_world_size()
-    run_dir = run_directory(cfg)
     cfg.output_dir = str(run_dir)
-    logger = setup_logger(run_dir if rank == 0 else None, "train_log.txt",
-                          append=cfg.resume or bool(cfg.resume_ckpt_file), quiet=rank != 0)
+    logger = setup_logger(None, "train_log.txt", quiet=rank != 0, defer=rank == 0)  # the file once checked
     set_seed(cfg.seed)  # the same initial weights on every rank
     configure_determinism(cfg.deterministic)
     tokenizer = SimpleTokenizer()
@@ -69,26 +118,49 @@ def main(argv: list[str] | None = None) -> dict:
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset, rank, world_size)
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
-    if rank == 0:
-        save_config(cfg, run_dir / "configs.yaml")
-    logger.info("run directory: %s, %d process(es), global batch %d", run_dir, world_size, cfg.batch_size)
-    logger.info("total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer)
     start_epoch, best, scaler_state = 1, None, None
-    if cfg.resume or cfg.resume_ckpt_file:
+    continuing = cfg.resume or bool(cfg.resume_ckpt_file)
+    if continuing:
         checkpoint = Path(cfg.resume_ckpt_file or run_dir / "last.pth")
         done, best, scaler_state = load_training_state(checkpoint, model, optimizer, scheduler, generator)
         start_epoch = done + 1
+    if rank == 0:  # every check passed: now the run directory is written
+        start_run_directory(run_dir, cfg, continuing)
+    if continuing:
         logger.info("resumed from %s after epoch %d", checkpoint, done)
+    logger.info("run directory: %s, %d process(es), global batch %d", run_dir, world_size, cfg.batch_size)
+    logger.info("total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
     evaluator = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
-    best = do_train(cfg, trained, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,
-                    start_epoch, best, scaler_state)
+    try:
+        with sigterm_as_interrupt():
+            best = do_train(cfg, trained, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,
+                            start_epoch, best, scaler_state)
+    except KeyboardInterrupt:
+        saved = saved_epoch(run_dir / "last.pth")
+        where = f"last.pth holds epoch {saved}; continue with: {continue_command(argv, run_dir)}" \
+            if saved else "nothing was saved yet"
+        log_to_file(f"interrupted: {where}")
+        raise Interrupted(f"interrupted in epoch {saved + 1}: {where}") from None
+    except UserError as err:
+        log_to_file(f"error: {err}")
+        raise
     if rank == 0:
         print(results_table({k: v for k, v in best.items() if k != "epoch"}))
     return best
+
+
+def start_run_directory(run_dir: Path, cfg, continuing: bool) -> None:
+    """Create (or, with --overwrite, clear) the run directory, write configs.yaml and start the log."""
+    if cfg.overwrite and not continuing:
+        for name in run_files(run_dir):
+            (run_dir / name).unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "configs.yaml")
+    open_log_file(run_dir / "train_log.txt", append=continuing)
 
 
 if __name__ == "__main__":

@@ -321,7 +321,9 @@ def train_until_killed_after_epoch_one(monkeypatch, train_args: list[str]) -> No
         if epoch == 1:
             raise KeyboardInterrupt
 
+    from utils.errors import Interrupted
     with monkeypatch.context() as patch:
         patch.setattr(processor, "save_training_state", save_then_crash)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(Interrupted, match="interrupted in epoch 2: last.pth holds epoch 1; continue with: "
+                           "python train.py .* --resume"):
             train_entry.main(train_args)

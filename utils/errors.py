@@ -1,8 +1,11 @@
 """Errors a user can cause and fix: the entry points print them as one line and exit non-zero."""
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, Iterator
 
 
 class UserError(Exception):
@@ -13,11 +16,36 @@ class ConfigError(UserError, ValueError):
     """Unknown config key, bad value, unknown head or dataset name."""
 
 
+class Interrupted(UserError):
+    """Ctrl-C or SIGTERM; the message says what was saved and how to continue."""
+    exit_code = 130
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (e.g. a scheduler ending the job) stops the program as Ctrl-C does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run an entry point; a user mistake prints ``error: <one line>`` to stderr and returns 1."""
     try:
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return getattr(err, "exit_code", 1)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import logging.handlers
 import os
 import random
 import sys
@@ -15,25 +16,52 @@ import numpy as np
 import torch
 
 
+FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
 def setup_logger(save_dir: str | Path | None, filename: str, append: bool = False,
-                 quiet: bool = False) -> logging.Logger:
+                 quiet: bool = False, defer: bool = False) -> logging.Logger:
     """Root logger to stdout and ``save_dir/filename`` (overwritten unless ``append``); ``quiet``
-    (DDP ranks other than 0) keeps warnings only."""
+    (DDP ranks other than 0) keeps warnings only. With ``defer`` nothing is written yet: the lines
+    are kept until ``open_log_file`` (so a command that fails its checks leaves no file behind)."""
     root = logging.getLogger()
     root.setLevel(logging.WARNING if quiet else logging.INFO)
     for handler in [h for h in root.handlers if getattr(h, "tbps", False)]:  # ours from a previous run
         root.removeHandler(handler)
         handler.close()
-    fmt = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if save_dir is not None:
+    if defer:
+        handlers.append(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+    elif save_dir is not None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(Path(save_dir) / filename, mode="a" if append else "w"))
     for handler in handlers:
-        handler.setFormatter(fmt)
+        handler.setFormatter(FORMAT)
         handler.tbps = True
         root.addHandler(handler)
     return logging.getLogger("tbps")
+
+
+def open_log_file(path: str | Path, append: bool = False) -> None:
+    """Start writing the log to ``path``, beginning with the lines a deferred ``setup_logger`` kept."""
+    root = logging.getLogger()
+    target = logging.FileHandler(path, mode="a" if append else "w")
+    target.setFormatter(FORMAT)
+    target.tbps = True
+    for handler in [h for h in root.handlers if isinstance(h, logging.handlers.MemoryHandler)]:
+        handler.setTarget(target)
+        handler.flush()
+        root.removeHandler(handler)
+        handler.close()
+    root.addHandler(target)
+
+
+def log_to_file(text: str) -> None:
+    """Write ``text`` as an ERROR line into the log file only (the console shows it another way)."""
+    record = logging.LogRecord("tbps", logging.ERROR, __file__, 0, text, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and getattr(handler, "tbps", False):
+            handler.handle(record)
 
 
 def set_seed(seed: int) -> None:
@@ -78,6 +106,10 @@ def _atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
     _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def write_text(text: str, path: str | Path) -> None:
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
 
 
 def write_json(obj: Any, path: str | Path) -> None:

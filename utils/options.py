@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import difflib
+import re
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +24,7 @@ import datasets.noise  # noqa: F401  (declares the noise-injection settings)
 from model.heads import HEADS, parse_loss_names, with_required
 
 from .errors import ConfigError
+from .iotools import write_text
 from .settings import PROBABILITY, Setting, declare, declared
 
 S = Setting
@@ -37,6 +39,7 @@ CORE = (
       "(blocks: t2i, i2t, t2i_rerank, t2i_<feature set>; metrics: R1, R5, R10, mAP, mINP)"),
     S("resume", False, "continue from RUN_DIR/last.pth (output_dir is the run directory)"),
     S("resume_ckpt_file", "", "continue from this file instead"),
+    S("overwrite", False, "start a new run in an output_dir that holds one, deleting that run's files"),
     S("init_from", "", "start training from another run of ours (RUN_DIR: its encoder and the heads it has; "
       "e.g. one made by tools/import_run.py), not from pretrain_choice"),
     S("seed", 1, "seeds Python, NumPy, torch and the data loader"),
@@ -148,8 +151,24 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return merged
 
 
+class ConfigParser(argparse.ArgumentParser):
+    """argparse without abbreviated flags (``--batch`` is not ``--batch_size``); a bad command line is
+    a ConfigError: one line, the closest key suggested for an unknown flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flag = unknown.group(1)
+            match = difflib.get_close_matches(flag.lstrip("-").split("=")[0], list(all_settings()), n=1)
+            raise ConfigError(f"unknown flag {flag}" + (f"; did you mean --{match[0]}?" if match else ""))
+        raise ConfigError(message)
+
+
 def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description, argument_default=argparse.SUPPRESS)
+    parser = ConfigParser(description=description, argument_default=argparse.SUPPRESS)
     parser.add_argument("--config_file", default="", help="YAML config (a run's configs.yaml works too)")
     for owner, group in declared().items():
         section = parser.add_argument_group(owner)
@@ -211,5 +230,5 @@ def resolve(args: argparse.Namespace) -> SimpleNamespace:
 
 
 def save_config(cfg: SimpleNamespace, path: str | Path) -> None:
-    with open(path, "w") as f:
-        yaml.safe_dump(vars(cfg), f, sort_keys=True)
+    """The resolved config as YAML, written atomically (never a half-written file)."""
+    write_text(yaml.safe_dump(vars(cfg), sort_keys=True), path)

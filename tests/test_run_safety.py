@@ -1,0 +1,132 @@
+"""A run directory is never damaged: nothing is written before a command is known to be able to
+run, an existing run is refused unless --resume or --overwrite says what to do, an interrupted or
+failed run says so in one line (and in its log). Each case: the message, the exit code and the
+files of the existing run byte for byte."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_entry
+from test_end_to_end import REPO, TINY
+from utils.errors import ConfigError, run_cli
+
+
+def _args(toy_root: Path, run_dir: Path, *extra: str) -> list[str]:
+    return ["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(toy_root),
+            "--output_dir", str(run_dir), "--loss_names", "sdm+id", *extra]
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(toy_root, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "done"
+    train_entry.main(_args(toy_root, run, "--num_epoch", "1"))
+    return run
+
+
+def _refused(argv: list[str], capsys) -> str:
+    assert run_cli(train_entry.main, argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("error: ")
+    return err.strip().splitlines()[-1]  # earlier lines: progress bars of the epoch that ran
+
+
+def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, toy_root, capsys):
+    before = _hashes(finished_run)
+    line = _refused(_args(toy_root, finished_run, "--num_epoch", "1"), capsys)
+    assert line == (f"error: {finished_run} already holds a run (configs.yaml, train_log.txt, last.pth, best.pth); "
+                    "continue it with --resume, or start over with --overwrite")
+    assert _hashes(finished_run) == before
+
+
+def test_overwrite_starts_over_cleanly(finished_run, toy_root, tmp_path):
+    run = tmp_path / "again"
+    train_entry.main(_args(toy_root, run, "--num_epoch", "1"))
+    old_events = sorted(p.name for p in run.glob("events.out.tfevents.*"))
+    train_entry.main(_args(toy_root, run, "--num_epoch", "1", "--overwrite", "--seed", "2"))
+    events = sorted(p.name for p in run.glob("events.out.tfevents.*"))
+    assert len(events) == 1 and events != old_events
+    assert "seed: 2" in (run / "configs.yaml").read_text()
+    assert (run / "train_log.txt").read_text().count("training epochs 1..1") == 1
+
+
+def test_a_failed_resume_changes_nothing(finished_run, toy_root, tmp_path, capsys):
+    run = tmp_path / "copy"
+    run.mkdir()
+    for name in _hashes(finished_run):
+        (run / name).write_bytes((finished_run / name).read_bytes())
+    before = _hashes(run)
+    line = _refused(_args(toy_root, run, "--num_epoch", "2", "--resume", "--vision_width", "128"), capsys)
+    assert "last.pth" in line
+    assert _hashes(run) == before  # configs.yaml not rewritten with vision_width 128
+    (run / "last.pth").write_bytes((run / "last.pth").read_bytes()[:1000])  # cut short
+    before = _hashes(run)
+    line = _refused(_args(toy_root, run, "--num_epoch", "2", "--resume"), capsys)
+    assert "last.pth" in line
+    assert _hashes(run) == before
+
+
+def test_bad_output_directories_are_named(toy_root, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    assert _refused(_args(toy_root, tmp_path / "a_file"), capsys) == \
+        f"error: output_dir {tmp_path / 'a_file'} is a file, not a directory"
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to check
+            pytest.skip("running as a user who can write anywhere")
+        assert _refused(_args(toy_root, locked / "run"), capsys) == \
+            f"error: cannot write the run directory {locked / 'run'}: {locked} is not writable"
+        assert list(locked.iterdir()) == []
+    finally:
+        os.chmod(locked, 0o700)
+
+
+def test_unknown_and_abbreviated_flags_are_refused_with_a_suggestion(toy_root, tmp_path, capsys):
+    assert _refused(_args(toy_root, tmp_path / "r", "--batch", "8"), capsys) == \
+        "error: unknown flag --batch; did you mean --batch_size?"
+    assert _refused(_args(toy_root, tmp_path / "r", "--learning_rate", "1e-3"), capsys).startswith(
+        "error: unknown flag --learning_rate")
+    assert _refused(_args(toy_root, tmp_path / "r", "--num_epoch", "x"), capsys) == \
+        "error: argument --num_epoch: invalid int value: 'x'"
+    assert not (tmp_path / "r").exists()
+
+
+def test_nothing_is_written_when_the_checks_fail(toy_root, tmp_path, capsys):
+    run = tmp_path / "new"
+    _refused(_args(toy_root, run, "--select_metric", "t2i_rerank.R1"), capsys)  # no re-ranking head
+    _refused(_args(toy_root, run, "--resume"), capsys)  # nothing to resume
+    assert not run.exists()
+
+
+def test_a_failed_run_writes_its_error_into_the_log(toy_root, tmp_path, monkeypatch, capsys):
+    import model.heads.contrastive as contrastive
+    monkeypatch.setattr(contrastive, "sdm_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    run = tmp_path / "diverged"
+    line = _refused(_args(toy_root, run, "--num_epoch", "1", "--max_nonfinite_steps", "2"), capsys)
+    assert line in (run / "train_log.txt").read_text()
+
+
+def test_an_interruption_says_how_to_continue(toy_root, tmp_path, monkeypatch, capsys):
+    from conftest import train_until_killed_after_epoch_one
+    run = tmp_path / "stopped"
+    args = _args(toy_root, run, "--num_epoch", "2")
+    train_until_killed_after_epoch_one(monkeypatch, args)
+    log = (run / "train_log.txt").read_text()
+    assert "interrupted: last.pth holds epoch 1; continue with: python train.py" in log
+    train_entry.main([*args, "--resume"])
+    assert "resumed from" in (run / "train_log.txt").read_text()
+
+
+def test_config_errors_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown flag --epochs; did you mean --num_epoch"):
+        train_entry.main(["--epochs", "3"])
