@@ -18,7 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
-from datasets.build import build_eval_loaders, build_train_loader
+from datasets.build import build_eval_loaders, build_train_loader, check_gallery
 from model.build import build_model, configure_heads
 from model.run import initialise_from_run, run_architecture
 from processor.evaluation import Evaluator
@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_fields(), generator,
                                       rank, world_size)
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset, rank, world_size)
+    check_gallery(dataset, cfg.val_dataset, cfg.skip_bad_images)
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
     optimizer = build_optimizer(cfg, model)

@@ -24,6 +24,44 @@ class DatasetError(UserError, ValueError):
     """Missing or malformed dataset files (a user mistake)."""
 
 
+SPLITS = ("train", "val", "test")
+MAX_LISTED = 20  # problems printed one per line before the summary
+
+
+def annotation_problems(entries: list, path_field: str) -> list[str]:
+    """One line per malformed image record: a non-mapping, a missing key, a split other than
+    train/val/test, ``captions`` that is not a non-empty list of non-empty strings, an id that is
+    not an integer, a path that is not a string."""
+    problems = []
+    for i, entry in enumerate(entries):
+        where = f"entry {i}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where} is a {type(entry).__name__}, not a record")
+            continue
+        missing = [k for k in ("split", "captions", path_field, "id") if k not in entry]
+        if missing:
+            problems.append(f"{where} lacks key(s) {', '.join(missing)}")
+            continue
+        if isinstance(entry[path_field], str):
+            where += f" ({entry[path_field]})"
+        else:
+            problems.append(f"{where}: {path_field} is {entry[path_field]!r}, not a path")
+        if entry["split"] not in SPLITS:
+            problems.append(f"{where}: split {entry['split']!r} is not one of {', '.join(SPLITS)}")
+        captions = entry["captions"]
+        if not isinstance(captions, list):
+            problems.append(f"{where}: captions is a {type(captions).__name__}, not a list of captions")
+        elif not captions:
+            problems.append(f"{where}: no caption")
+        else:
+            problems += [f"{where}: caption {j} is {c!r}" for j, c in enumerate(captions)
+                         if not isinstance(c, str) or not c.strip()]
+        pid = entry["id"]
+        if isinstance(pid, bool) or not (isinstance(pid, int) or (isinstance(pid, str) and pid.strip().isdigit())):
+            problems.append(f"{where}: id {pid!r} is not an integer")
+    return problems
+
+
 def register_dataset(cls):
     DATASETS[cls.name] = cls
     return cls
@@ -57,8 +95,7 @@ class BaseDataset:
         annotations = self._read_annotations()
         by_split: dict[str, list[dict]] = {"train": [], "val": [], "test": []}
         for entry in annotations:
-            split = entry["split"] if entry["split"] in ("train", "test") else "val"
-            by_split[split].append(entry)
+            by_split[entry["split"]].append(entry)
         self.train = self._train_records(by_split["train"])
         self.val = self._eval_split(by_split["val"])
         self.test = self._eval_split(by_split["test"])
@@ -74,16 +111,22 @@ class BaseDataset:
         if path is None:
             raise DatasetError(f"{self.name} annotation file not found: {' or '.join(map(str, candidates))}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as err:
+            raise DatasetError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
         except json.JSONDecodeError as err:
             raise DatasetError(f"malformed JSON in {path}: {err.msg} at line {err.lineno} column {err.colno}") from None
         if not isinstance(data, list):
             raise DatasetError(f"{path} must hold a list of image records")
-        required = ("split", "captions", self.path_field, "id")
-        for i, entry in enumerate(data):
-            missing = [k for k in required if not isinstance(entry, dict) or k not in entry]
-            if missing:
-                raise DatasetError(f"{path}: entry {i} lacks key(s) {', '.join(missing)}")
+        if not data:
+            raise DatasetError(f"{path} holds no image records")
+        problems = annotation_problems(data, self.path_field)
+        if problems:
+            for problem in problems[:MAX_LISTED]:
+                logger.error("%s: %s", path.name, problem)
+            more = f" ({len(problems) - 1} more above)" if len(problems) > 1 else ""
+            raise DatasetError(f"{path}: {len(problems)} malformed entr{'y' if len(problems) == 1 else 'ies'}; "
+                               f"first: {problems[0]}{more}")
         return data
 
     def train_image_paths(self) -> list[str]:

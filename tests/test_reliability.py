@@ -228,7 +228,8 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
                            f"error: malformed JSON in {root}/badjson/CUHK-PEDES/reid_raw.json: Expecting property "
                            "name enclosed in double quotes at line 1 column 29"),
         "entry missing a key": (["--root_dir", f"{root}/nokey"],
-                                f"error: {root}/nokey/CUHK-PEDES/reid_raw.json: entry 1 lacks key(s) file_path"),
+                                f"error: {root}/nokey/CUHK-PEDES/reid_raw.json: 1 malformed entry; first: entry 1 "
+                                "lacks key(s) file_path"),
         "unknown loss name": (["--loss_names", "sdm+idd"],
                               "error: unknown loss name 'idd' in loss_names 'sdm+idd'; known: aptm_fusion, aptm_itc, aptm_mlm, "
                               "ccd, cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tal, tir, trl, tse"),

@@ -130,3 +130,69 @@ def test_an_interruption_says_how_to_continue(toy_root, tmp_path, monkeypatch, c
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="unknown flag --epochs; did you mean --num_epoch"):
         train_entry.main(["--epochs", "3"])
+
+
+# ---------------------------------------------------------------- bad data, caught before any epoch
+def _edit(entries: list, case: str):
+    if case == "captions a string":
+        entries[1]["captions"] = "a man in a red coat"
+    elif case == "no captions":
+        entries[1]["captions"] = []
+    elif case == "null caption":
+        entries[1]["captions"][0] = None
+    elif case == "split spelled Train":
+        entries[1]["split"] = "Train"
+    elif case == "non-numeric id":
+        entries[1]["id"] = "abc"
+    elif case == "empty annotation":
+        return []
+    return entries
+
+
+DATA_CASES = {
+    "captions a string": "captions is a str, not a list of captions",
+    "no captions": "no caption",
+    "null caption": "caption 0 is None",
+    "split spelled Train": "split 'Train' is not one of train, val, test",
+    "non-numeric id": "id 'abc' is not an integer",
+    "empty annotation": "holds no image records",
+}
+
+
+@pytest.fixture()
+def broken_root(tmp_path) -> Path:
+    from datasets.toy import generate_toy_dataset
+    root = tmp_path / "data"
+    generate_toy_dataset(root, num_train_ids=8, num_val_ids=2, num_test_ids=4, image_size=(48, 24))
+    return root
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+def test_malformed_annotations_are_named_before_training(broken_root, tmp_path, capsys, case):
+    import json
+    path = broken_root / "CUHK-PEDES" / "reid_raw.json"
+    path.write_text(json.dumps(_edit(json.loads(path.read_text()), case)))
+    line = _refused(_args(broken_root, tmp_path / "run"), capsys)
+    assert line.startswith(f"error: {path}") and DATA_CASES[case] in line, line
+    assert not (tmp_path / "run").exists()
+
+
+def test_non_utf8_annotations_and_empty_or_unreadable_splits(broken_root, tmp_path, capsys):
+    import json
+    path = broken_root / "CUHK-PEDES" / "reid_raw.json"
+    entries = json.loads(path.read_text())
+    path.write_bytes(json.dumps(entries).encode("utf-8").replace(b"a ", "\u00e9 ".encode("latin-1"), 1))
+    assert "is not UTF-8 text" in _refused(_args(broken_root, tmp_path / "run"), capsys)
+    path.write_text(json.dumps([e for e in entries if e["split"] != "val"]))
+    assert _refused(_args(broken_root, tmp_path / "run", "--val_dataset", "val"), capsys) == \
+        "error: the val split of CUHK-PEDES is empty (0 images, 0 captions); select on the test split with " \
+        "--val_dataset test"
+    path.write_text(json.dumps(entries))
+    first_test = next(e for e in entries if e["split"] == "test")["file_path"]
+    (broken_root / "CUHK-PEDES" / "imgs" / first_test).write_bytes(b"")
+    line = _refused(_args(broken_root, tmp_path / "run"), capsys)
+    assert line == (f"error: 1 unreadable test image(s), e.g. {broken_root / 'CUHK-PEDES' / 'imgs' / first_test} "
+                    "(pass --skip_bad_images to leave them out of the evaluation)")
+    assert not (tmp_path / "run").exists()
+    train_entry.main(_args(broken_root, tmp_path / "run", "--num_epoch", "1", "--skip_bad_images"))
+    assert (tmp_path / "run" / "best.pth").is_file()

@@ -100,20 +100,6 @@ def test_jekyll_encodes(tokenizer):
     assert int(full.argmax()) == full.tolist().index(EOT_ID)
 
 
-def test_literal_mask_token(tokenizer):
-    ids = tokenizer.encode("a <|mask|> shirt")
-    assert ids == [tokenizer.encoder["a</w>"], MASK_ID, tokenizer.encoder["shirt</w>"]]
-    # case-insensitive and inside a tokenised caption
-    full = tokenize("A woman wearing a <|MASK|> shirt", tokenizer).tolist()
-    assert full[:7] == [49406, 320, 2308, 3309, 320, MASK_ID, 2523]
-    assert full[7] == EOT_ID
-
-
-def test_special_tokens_encode_literally(tokenizer):
-    assert tokenizer.encode("<|startoftext|>") == [SOT_ID]
-    assert tokenizer.encode("<|endoftext|>") == [EOT_ID]
-
-
 @pytest.mark.parametrize("text", [
     "a woman wearing a red shirt and black pants.",
     "the man's bag is 2 feet long, isn't it?",
@@ -138,3 +124,10 @@ def test_tokenizer_from_explicit_vocab_path():
     tok = SimpleTokenizer(default_vocab_path())
     assert len(tok) == 49408
     assert tok.encode("red shirt") == [736, 2523]
+
+
+def test_special_token_text_in_a_caption_is_read_as_characters(tokenizer):
+    ids = tokenize("a man <|endoftext|> in a red <|mask|> coat <|startoftext|>", tokenizer).tolist()
+    assert ids.count(tokenizer.eot_id) == 1 and ids.count(tokenizer.sot_id) == 1 and MASK_ID not in ids
+    assert ids.index(tokenizer.eot_id) == max(i for i, t in enumerate(ids) if t)  # EOT stays the last token
+    assert "endoftext" in tokenizer.decode(ids[1:ids.index(tokenizer.eot_id)])

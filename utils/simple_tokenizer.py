@@ -70,7 +70,7 @@ class SimpleTokenizer:
         self.bpe_ranks = {m: i for i, m in enumerate(merges)}
         self.cache = {t: t for t in (MASK_TOKEN, SOT_TOKEN, EOT_TOKEN)}
         self.pattern = regex.compile(
-            r"""<\|startoftext\|>|<\|endoftext\|>|<\|mask\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+            r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
             regex.IGNORECASE)
         self.sot_id = self.encoder[SOT_TOKEN]
         self.eot_id = self.encoder[EOT_TOKEN]
@@ -103,7 +103,9 @@ class SimpleTokenizer:
         return result
 
     def encode_words(self, text: str) -> list[tuple[str, list[int]]]:
-        """Each word of the cleaned, lower-cased text (CLIP's pre-tokenisation) with its BPE ids."""
+        """Each word of the cleaned, lower-cased text (CLIP's pre-tokenisation) with its BPE ids.
+        Text never yields a special id: a caption holding ``<|endoftext|>`` is read as characters
+        (CLIP's tokenizer would end the caption there, and EOT would no longer be its last token)."""
         words = []
         for word in regex.findall(self.pattern, _clean(text)):
             symbols = "".join(self.byte_encoder[b] for b in word.encode("utf-8"))
