@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DEMO_DATA := data
 DEMO_RUN := logs/demo
 
-.PHONY: install demo test clean
+.PHONY: install demo demo-steps test clean
 
 install: $(VENV)/.installed
 
@@ -14,9 +14,13 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-demo: install
+demo:
+	@start=$$(date +%s); $(MAKE) --no-print-directory demo-steps && \
+	echo "make demo took $$(( $$(date +%s) - start )) s"
+
+demo-steps: install
 	$(PY) tools/generate_toy_data.py --root_dir $(DEMO_DATA)
-	$(PY) train.py --config_file configs/demo.yaml --root_dir $(DEMO_DATA) --output_dir $(DEMO_RUN)
+	$(PY) train.py --config_file configs/demo.yaml --root_dir $(DEMO_DATA) --output_dir $(DEMO_RUN) --overwrite
 	$(PY) test.py --config_file $(DEMO_RUN)/configs.yaml
 
 test: install
