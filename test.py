@@ -53,6 +53,11 @@ def main(argv: list[str] | None = None) -> dict:
         if not getattr(args, "config_file", ""):
             raise ConfigError("give --config_file RUN_DIR/configs.yaml (or --zero_shot)")
         run_dir = Path(args.config_file).parent
+        if not hasattr(cfg, "num_classes") or not getattr(cfg, "clip", None):
+            raise ConfigError(f"{args.config_file} is not the configs.yaml of a trained run (train.py writes "
+                              "num_classes and clip into it); give RUN_DIR/configs.yaml, or --zero_shot")
+        if not (run_dir / "best.pth").is_file():
+            raise ConfigError(f"no best.pth beside {args.config_file}: that run has not finished an evaluation yet")
         out_dir = Path(getattr(args, "output_dir", "") or run_dir)
     device = init_distributed(cfg.device)
     main_process = get_rank() == 0

@@ -196,3 +196,16 @@ def test_non_utf8_annotations_and_empty_or_unreadable_splits(broken_root, tmp_pa
     assert not (tmp_path / "run").exists()
     train_entry.main(_args(broken_root, tmp_path / "run", "--num_epoch", "1", "--skip_bad_images"))
     assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_test_py_names_a_config_that_is_not_a_run(finished_run, tmp_path, capsys):
+    import test as test_entry
+    assert run_cli(test_entry.main, ["--config_file", str(REPO / "configs/demo.yaml")]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: {REPO / 'configs/demo.yaml'} is not the configs.yaml of a "
+                                               "trained run (train.py writes num_classes and clip into it); give "
+                                               "RUN_DIR/configs.yaml, or --zero_shot")
+    copy = tmp_path / "no_best"
+    copy.mkdir()
+    (copy / "configs.yaml").write_bytes((finished_run / "configs.yaml").read_bytes())
+    assert run_cli(test_entry.main, ["--config_file", str(copy / "configs.yaml")]) == 1
+    assert "no best.pth beside" in capsys.readouterr().err
