@@ -1,6 +1,9 @@
 """Evaluate a trained run (``--config_file RUN_DIR/configs.yaml``, loads ``best.pth``) or, with
 ``--zero_shot``, the pretrained CLIP as is (``--pretrain_choice CKPT --output_dir OUT``).
 
+Writes ``test_results.json`` (never training's ``results.json``): every block's metrics, the split,
+the checkpoint and its epoch, the queries left out for having no match and the skipped images.
+
 Works under ``torchrun`` too: every process encodes and ranks its share, rank 0 writes the files."""
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ from utils.visualize import restoration_grid, retrieval_grid
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Evaluates and returns what ``test_results.json`` holds."""
     parser = build_parser(__doc__)
     parser.add_argument("--zero_shot", action="store_true",
                         help="evaluate the pretrained CLIP given by --pretrain_choice, without training")
@@ -62,22 +66,24 @@ def main(argv: list[str] | None = None) -> dict:
     device = init_distributed(cfg.device)
     main_process = get_rank() == 0
     logger = setup_logger(out_dir if main_process else None, "test_log.txt", quiet=not main_process)
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, cfg.annotation_format)
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, SimpleTokenizer(), "test", get_rank(), get_world_size())
     if zero_shot:
         model = TBPSModel(build_encoder(cfg), {})
+        source = {"checkpoint": cfg.pretrain_choice, "epoch": 0}
     else:
         model = build_model(cfg, cfg.num_classes, load_weights=False)
-        load_run_checkpoint(model, run_dir / "best.pth")
+        source = {"checkpoint": str(run_dir / "best.pth"), "epoch": load_run_checkpoint(model, run_dir / "best.pth")}
     if main_process and (zero_shot or out_dir.resolve() != run_dir.resolve()):
         save_config(cfg, out_dir / "configs.yaml")  # the results elsewhere still describe themselves
-    evaluation = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size
-                           ).eval(model.to(device), device)
-    results = evaluation.results
+    evaluation = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size,
+                           split="test").eval(model.to(device), device)
+    results = {**evaluation.report(), **source}
     if not main_process:
         return results
-    logger.info("test results:\n%s", results_table(results))
-    write_json(results, out_dir / "results.json")
+    logger.info("test results (epoch %s of %s):\n%s", source["epoch"], source["checkpoint"],
+                results_table(evaluation.results))
+    write_json(results, out_dir / "test_results.json")
     if save_features:
         torch.save(evaluation.features(), out_dir / "features.pt")
         logger.info("features written to %s", out_dir / "features.pt")

@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM stop with the command that continues the run.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import sys
@@ -18,11 +19,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
-from datasets.build import build_eval_loaders, build_train_loader, check_gallery
+from datasets.bases import choose_val_ids
+from datasets.build import build_eval_loaders, build_train_loader
+from datasets.checks import check_gallery, check_training_images, report_long_captions
 from model.build import build_model, configure_heads
 from model.run import initialise_from_run, run_architecture
 from processor.evaluation import Evaluator
-from processor.processor import do_train
+from processor.processor import do_train, metric_blocks
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
 from utils.errors import ConfigError, Interrupted, UserError, run_cli, sigterm_as_interrupt
@@ -97,7 +100,14 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(cfg.seed)  # the same initial weights on every rank
     configure_determinism(cfg.deterministic)
     tokenizer = SimpleTokenizer()
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, cfg.annotation_format)
+    if cfg.val_ids_from_train or cfg.val_ids:
+        carve_val_split(cfg, dataset)
+    eval_splits = sorted({cfg.val_dataset, "test"}, reverse=True)  # selection split first
+    check_training_images(dataset, cfg.max_unreadable_train)
+    for split in eval_splits:
+        check_gallery(dataset, split, cfg.skip_bad_images)
+    report_long_captions(dataset, ["train", *eval_splits], tokenizer, cfg.text_length)
     configure_heads(cfg, dataset, tokenizer)
     if cfg.init_from:  # the encoder of that run, not pretrain_choice
         cfg.clip = run_architecture(cfg.init_from)
@@ -115,8 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     check_select_metric(cfg.select_metric, model.retrieval.blocks())
     train_loader = build_train_loader(cfg, dataset, tokenizer, model.required_fields(), generator,
                                       rank, world_size)
-    img_loader, txt_loader = build_eval_loaders(cfg, dataset, tokenizer, cfg.val_dataset, rank, world_size)
-    check_gallery(dataset, cfg.val_dataset, cfg.skip_bad_images)
+    evaluators = {split: Evaluator(*build_eval_loaders(cfg, dataset, tokenizer, split, rank, world_size),
+                                   cfg.skip_bad_images, pair_batch=cfg.test_batch_size, split=split)
+                  for split in eval_splits}
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
     optimizer = build_optimizer(cfg, model)
@@ -133,13 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
         logger.info("resumed from %s after epoch %d", checkpoint, done)
     logger.info("run directory: %s, %d process(es), global batch %d", run_dir, world_size, cfg.batch_size)
     logger.info("total params: %.2fM", sum(p.numel() for p in model.parameters()) / 1e6)
-    evaluator = Evaluator(img_loader, txt_loader, cfg.skip_bad_images, pair_batch=cfg.test_batch_size)
     trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None) \
         if world_size > 1 else model
     try:
         with sigterm_as_interrupt():
-            best = do_train(cfg, trained, train_loader, evaluator, optimizer, scheduler, run_dir, device, generator,
-                            start_epoch, best, scaler_state)
+            report = do_train(cfg, trained, train_loader, evaluators[cfg.val_dataset], optimizer, scheduler, run_dir,
+                              device, generator, start_epoch, best, scaler_state, evaluators["test"])
     except KeyboardInterrupt:
         saved = saved_epoch(run_dir / "last.pth")
         where = f"last.pth holds epoch {saved}; continue with: {continue_command(argv, run_dir)}" \
@@ -150,8 +160,23 @@ def main(argv: list[str] | None = None) -> dict:
         log_to_file(f"error: {err}")
         raise
     if rank == 0:
-        print(results_table({k: v for k, v in best.items() if k != "epoch"}))
-    return best
+        print(f"test at epoch {report['epoch']} (selected on {report['selection']['split']}):")
+        print(results_table(metric_blocks(report)))
+    return report
+
+
+def carve_val_split(cfg, dataset) -> None:
+    """A val split from training identities (``val_ids``, or ``val_ids_from_train`` drawn ones), which
+    ``configs.yaml`` then records; selection moves to it."""
+    if not cfg.val_ids:
+        cfg.val_ids = choose_val_ids(dataset, cfg.val_ids_from_train, cfg.val_ids_seed)
+    elif cfg.val_ids_from_train and cfg.val_ids_from_train != len(cfg.val_ids):
+        raise ConfigError(f"val_ids lists {len(cfg.val_ids)} identities but val_ids_from_train is "
+                          f"{cfg.val_ids_from_train}; give one of them")
+    dataset.carve_val(cfg.val_ids)
+    if cfg.val_dataset != "val":
+        logging.getLogger("tbps").info("val_ids_from_train: the epoch is selected on the carved val split")
+        cfg.val_dataset = "val"
 
 
 def start_run_directory(run_dir: Path, cfg, continuing: bool) -> None:

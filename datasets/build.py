@@ -13,7 +13,7 @@ from utils.comm import barrier, get_rank
 from utils.errors import ConfigError
 from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
-from .bases import MAX_LISTED, BaseDataset, DatasetError
+from .bases import BaseDataset, DatasetError
 from .cache import DecodedImageCache
 from .captions import CaptionAugmentation
 from .fields import FieldBuilder, SampleSource, build_fields
@@ -34,30 +34,6 @@ def read_image(path: str, warn: bool = True) -> Image.Image | None:
         if warn:
             logger.warning("cannot read image %s: %s", path, err)
         return None
-
-
-def unreadable_images(paths: list[str]) -> list[str]:
-    """The paths PIL cannot open and verify (missing, empty, not an image, damaged header)."""
-    bad = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-            bad.append(path)
-    return bad
-
-
-def check_gallery(dataset: BaseDataset, split: str, skip_bad_images: bool) -> None:
-    """Before any training: every image of the evaluation split can be read (or, with
-    ``skip_bad_images``, the unreadable ones are counted and will be left out)."""
-    bad = unreadable_images(getattr(dataset, split).img_paths)
-    if bad and not skip_bad_images:
-        raise DatasetError(f"{len(bad)} unreadable {split} image(s), e.g. {bad[0]} (pass --skip_bad_images to "
-                           "leave them out of the evaluation)")
-    if bad:
-        logger.warning("%d unreadable %s images will be left out of the evaluation: %s", len(bad), split,
-                       ", ".join(bad[:MAX_LISTED]))
 
 
 class ImageTextDataset(Dataset):
@@ -213,7 +189,8 @@ def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, sp
     ``test_batch_size`` in order; under DDP each process loads every ``world_size``-th batch."""
     data = getattr(dataset, split)
     if not data.img_paths or not data.captions:
-        hint = "; select on the test split with --val_dataset test" if split == "val" else ""
+        hint = "; carve one from training identities with --val_ids_from_train N, or select on the test split " \
+            "with --val_dataset test" if split == "val" else ""
         raise DatasetError(f"the {split} split of {dataset.name} is empty ({len(data.img_paths)} images, "
                            f"{len(data.captions)} captions){hint}")
     cache = open_cache(cfg, dataset, split, data.img_paths)

@@ -18,6 +18,8 @@ from PIL import Image
 
 from utils.iotools import write_json
 
+from .bases import DatasetError
+
 logger = logging.getLogger(__name__)
 
 
@@ -37,8 +39,12 @@ class DecodedImageCache:
         key = fingerprint(Path(annotation_file), paths, self.size)
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         if meta.get("fingerprint") != key or not self.file.is_file():
-            meta = self._build(paths, key)
-            write_json(meta, meta_file)
+            try:
+                meta = self._build(paths, key)
+                write_json(meta, meta_file)
+            except OSError as err:  # e.g. a read-only dataset folder
+                raise DatasetError(f"cannot write the image cache {self.file}: {err.strerror or err}; give "
+                                   "--cache_dir a writable folder") from None
         self.bad = set(meta["bad"])
         height, width = self.size
         self.array = np.memmap(self.file, dtype=np.uint8, mode="r", shape=(len(paths), height, width, 3))

@@ -241,13 +241,22 @@ def generate_toy_dataset(
     captions_per_image: int = 2,
     image_size: tuple[int, int] = (96, 48),
     seed: int = 0,
+    dataset_name: str = "CUHK-PEDES",
 ) -> Path:
-    """Write ``<root>/CUHK-PEDES/{reid_raw.json,imgs/toy/*.jpg}`` and return the dataset folder.
+    """Write the toy people in ``dataset_name``'s published layout and return the dataset folder:
+    CUHK-PEDES ``reid_raw.json`` (1-based ids), ICFG-PEDES ``ICFG-PEDES.json`` (0-based ids, no val
+    split: ``num_val_ids`` must be 0), RSTPReid ``data_captions.json`` (``img_path``), UFine6926
+    ``ufine6926.json`` (images beside it, in ``images/``); images ``<image folder>/toy/*.jpg``.
 
     ``image_size`` is (height, width). Does nothing if ``toy_meta.json`` shows the same parameters.
     """
-    out = Path(root) / "CUHK-PEDES"
+    from .bases import DATASETS
+    layout = DATASETS[dataset_name]
+    if num_val_ids and dataset_name == "ICFG-PEDES":
+        raise ValueError("ICFG-PEDES has no val split: generate it with num_val_ids=0")
+    out = Path(root) / layout.folder
     meta = {
+        "dataset_name": dataset_name,
         "num_train_ids": num_train_ids,
         "num_val_ids": num_val_ids,
         "num_test_ids": num_test_ids,
@@ -256,7 +265,7 @@ def generate_toy_dataset(
         "image_size": list(image_size),
         "seed": seed,
     }
-    meta_path, anno_path = out / "toy_meta.json", out / "reid_raw.json"
+    meta_path, anno_path = out / "toy_meta.json", out / layout.annotation_files[0]
     if meta_path.is_file() and anno_path.is_file() and json.loads(meta_path.read_text()) == meta:
         return out
 
@@ -264,27 +273,23 @@ def generate_toy_dataset(
     n_total = num_train_ids + num_val_ids + num_test_ids
     people = sample_identities(n_total, rng)
     splits = ["train"] * num_train_ids + ["val"] * num_val_ids + ["test"] * num_test_ids
-    img_dir = out / "imgs" / "toy"
+    img_dir = out / layout.image_folder / "toy"
     if img_dir.exists():
         shutil.rmtree(img_dir)
     img_dir.mkdir(parents=True)
     meta_path.unlink(missing_ok=True)
 
     annos = []
-    for pid, (person, split) in enumerate(zip(people, splits), start=1):
+    first_id = 1 if layout.one_based_train_ids or dataset_name == "UFine6926" else 0
+    for pid, (person, split) in enumerate(zip(people, splits), start=first_id):
         for k in range(images_per_id):
             rel = f"toy/{pid:04d}_{k:02d}.jpg"
-            draw_person(person, image_size, rng).save(out / "imgs" / rel, quality=90)
+            draw_person(person, image_size, rng).save(img_dir.parent / rel, quality=90)
             captions = make_captions(person, captions_per_image, rng)
-            annos.append(
-                {
-                    "split": split,
-                    "captions": captions,
-                    "file_path": rel,
-                    "id": pid,
-                    "processed_tokens": [tokenize(c) for c in captions],
-                }
-            )
+            record = {"split": split, "captions": captions, layout.path_field: rel, "id": pid}
+            if dataset_name in ("CUHK-PEDES", "ICFG-PEDES"):
+                record["processed_tokens"] = [tokenize(c) for c in captions]
+            annos.append(record)
     anno_path.write_text(json.dumps(annos))
     meta_path.write_text(json.dumps(meta, indent=2))
     return out

@@ -27,16 +27,23 @@ class TrainedRun:
         return f"{self.cfg.name} ({self.config_file.parent})"
 
 
-def load_run_checkpoint(model: torch.nn.Module, path: Path) -> None:
-    """Strict load of one of our checkpoints; a mismatch names the missing/unexpected keys."""
-    load_strict(model, _model_state(path), path)
+def load_run_checkpoint(model: torch.nn.Module, path: Path) -> int | None:
+    """Strict load of one of our checkpoints (a mismatch names the missing/unexpected keys); returns
+    the epoch it was saved after (None when it does not say, e.g. an imported run)."""
+    checkpoint = _checkpoint(path)
+    load_strict(model, checkpoint["model"], path)
+    return checkpoint.get("epoch")
 
 
-def _model_state(path: Path) -> dict[str, torch.Tensor]:
+def _checkpoint(path: Path) -> dict:
     checkpoint = read_torch_file(path, "checkpoint", CheckpointError)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
         raise CheckpointError(f"{path} is not a checkpoint of ours (no 'model' state dict)")
-    return checkpoint["model"]
+    return checkpoint
+
+
+def _model_state(path: Path) -> dict[str, torch.Tensor]:
+    return _checkpoint(path)["model"]
 
 
 def initialise_from_run(model: TBPSModel, run_dir: str | Path) -> list[str]:

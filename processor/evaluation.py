@@ -14,7 +14,7 @@ numbers from them, equal to a single process's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -82,6 +82,15 @@ class Evaluation:
     text: Encoded
     image: Encoded
     rerank_order: torch.Tensor | None = None  # [Q, k] gallery positions, each query's final top k
+    split: str = "test"
+    skipped_images: list[str] = field(default_factory=list)      # unreadable, left out of the gallery
+    excluded_queries: dict[str, int] = field(default_factory=dict)  # per block: queries without a match
+
+    def report(self) -> dict:
+        """Every block's metrics and what they were computed on (what results files hold)."""
+        return {**self.results, "split": self.split, "queries": {"t2i": len(self.text.pids), "i2t": len(self.image.pids)},
+                "gallery": {"t2i": len(self.image.pids), "i2t": len(self.text.pids)},
+                "excluded_queries": dict(self.excluded_queries), "skipped_images": list(self.skipped_images)}
 
     def ranking(self, query: int, top: int) -> list[int]:
         """The gallery positions of query ``query``'s first ``top`` results, in the final order."""
@@ -122,7 +131,9 @@ def gather_in_order(local_index: torch.Tensor, values: dict[str, torch.Tensor]
 class Evaluator:
     """Ranks a split's gallery images for its captions (and the reverse) with a model's heads."""
 
-    def __init__(self, img_loader, txt_loader, skip_bad_images: bool = False, pair_batch: int = 512):
+    def __init__(self, img_loader, txt_loader, skip_bad_images: bool = False, pair_batch: int = 512,
+                 split: str = "test"):
+        self.split = split  # the name the results carry
         self.img_loader = img_loader
         self.txt_loader = txt_loader
         self.skip_bad_images = skip_bad_images
@@ -133,22 +144,24 @@ class Evaluator:
         model.eval()
         retrieval: RetrievalDefinition = model.retrieval
         text = self._encode_texts(model, retrieval, device)
-        image = self._encode_images(model, retrieval, device)
+        image, skipped = self._encode_images(model, retrieval, device)
         results: dict[str, dict[str, float]] = {}
+        excluded: dict[str, int] = {}
         order = None
         reranker = retrieval.reranker
         keep = reranker.rerank_k if reranker is not None else 0
         stage = self._rank(text, image, "combined", keep)
-        results["t2i"] = self._metrics(stage, text.mine, len(text.pids))
+        results["t2i"], excluded["t2i"] = self._metrics(stage, text.mine, len(text.pids))
         if len(retrieval.weights) > 1:
             for name in retrieval.weights:
-                results[f"t2i_{name}"] = self._metrics(self._rank(text, image, name), text.mine, len(text.pids))
+                results[f"t2i_{name}"], _ = self._metrics(self._rank(text, image, name), text.mine, len(text.pids))
         if reranker is not None:
             ranks, local_order = self._rerank(stage, text, image, reranker, device)
-            results["t2i_rerank"] = self._metrics(stage, text.mine, len(text.pids), ranks)
+            results["t2i_rerank"], _ = self._metrics(stage, text.mine, len(text.pids), ranks)
             order = _scatter(all_gather_rows(local_order), all_gather_rows(text.mine), len(text.pids))
-        results["i2t"] = self._metrics(self._rank(image, text, "combined"), image.mine, len(image.pids))
-        return Evaluation(results, text, image, order)
+        results["i2t"], excluded["i2t"] = self._metrics(self._rank(image, text, "combined"), image.mine,
+                                                        len(image.pids))
+        return Evaluation(results, text, image, order, self.split, skipped, excluded)
 
     # ---------------------------------------------------------------- encoding
     def _encode_texts(self, model, retrieval: RetrievalDefinition, device: torch.device) -> Encoded:
@@ -161,7 +174,9 @@ class Evaluator:
             cache.append(rows)
         return self._gather(retrieval, index, pids, features, device, query_cache=cache)
 
-    def _encode_images(self, model, retrieval: RetrievalDefinition, device: torch.device) -> Encoded:
+    def _encode_images(self, model, retrieval: RetrievalDefinition, device: torch.device
+                       ) -> tuple[Encoded, list[str]]:
+        """The gallery, and the paths of the unreadable images left out of it."""
         index, pids, features, chunks, bad = [], [], [], [], []
         for idx, pid, images, unreadable in tqdm(self.img_loader, desc="images", leave=False,
                                                  disable=not is_main_process()):
@@ -182,7 +197,7 @@ class Evaluator:
         encoded = self._gather(retrieval, index, pids, features, device)
         if retrieval.reranker is not None:
             encoded.cache = self._gallery_store(chunks, device)
-        return encoded
+        return encoded, bad
 
     def _gather(self, retrieval: RetrievalDefinition, index, pids, features, device, query_cache=None) -> Encoded:
         """All processes' items, in dataset order, with normalised and combined features."""
@@ -235,13 +250,15 @@ class Evaluator:
         return reranked_ranks(stage, order), order
 
     @staticmethod
-    def _metrics(stage: FirstStage, mine: torch.Tensor, total: int, ranks: torch.Tensor | None = None) -> dict:
-        """Metrics of every query from each process's share of the match-rank table."""
+    def _metrics(stage: FirstStage, mine: torch.Tensor, total: int, ranks: torch.Tensor | None = None
+                 ) -> tuple[dict[str, float], int]:
+        """Metrics of every query from each process's share of the match-rank table, and the number of
+        queries left out for having no match in the gallery."""
         local = stage.ranks if ranks is None else ranks
         positions = all_gather_rows(mine.cpu())
         table = _scatter(all_gather_rows(local), positions, total)
         num = _scatter(all_gather_rows(stage.num), positions, total)
-        return metrics_from_ranks(table, num)
+        return metrics_from_ranks(table, num), int((num == 0).sum())
 
 
 def _cache_device(chunks: list[dict[str, torch.Tensor]], device: torch.device) -> torch.device:

@@ -18,7 +18,7 @@ from utils.iotools import save_checkpoint, write_json
 from utils.metrics import results_table
 from utils.options import parse_select_metric
 
-from .evaluation import Evaluator
+from .evaluation import Evaluation, Evaluator
 from .train_step import TrainingDiverged, TrainStep, move_to
 
 logger = logging.getLogger(__name__)
@@ -119,15 +119,49 @@ def is_better(results: dict, best: dict, select: tuple[str, str]) -> bool:
     return not best or results[block][metric] > best[block][metric]
 
 
+def metric_blocks(results: dict) -> dict[str, dict[str, float]]:
+    """The metric blocks (``t2i``, ``i2t``, ...) of a results dict, without its other keys."""
+    return {k: v for k, v in results.items() if isinstance(v, dict) and "R1" in v}
+
+
+def selection_record(cfg, best: dict) -> dict:
+    """How the reported checkpoint was chosen: split, metric, epoch, value, protocol."""
+    block, metric = parse_select_metric(cfg.select_metric)
+    protocol = "published: epoch selected on the test split" if cfg.val_dataset == "test" else \
+        "validation: epoch selected on held-out data, test evaluated only at the selected and the last epoch"
+    return {"split": cfg.val_dataset, "metric": cfg.select_metric, "epoch": best["epoch"],
+            "value": best[block][metric], "protocol": protocol}
+
+
+def run_report(cfg, selected: dict, test: Evaluation, best: dict, last: dict) -> dict:
+    """``results.json``: the test metrics at the selected checkpoint (``selected``, metric blocks),
+    what they were computed on (``test``: split, queries, exclusions, skipped images), how the
+    checkpoint was selected, and the test metrics at the last epoch (``last``, with its epoch)."""
+    provenance = {k: v for k, v in test.report().items() if k not in test.results}
+    return {**metric_blocks(selected), "epoch": best["epoch"], "checkpoint": "best.pth", **provenance,
+            "selection": selection_record(cfg, best), "last": last}
+
+
+def load_selected(bare, run_dir: Path) -> None:
+    """Every process loads ``best.pth`` (rank 0 wrote it before the last barrier)."""
+    state = torch.load(run_dir / "best.pth", map_location="cpu", weights_only=False)  # our own file
+    bare.load_state_dict(state["model"])
+
+
 def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, scheduler, run_dir: Path,
              device: torch.device, generator: torch.Generator, start_epoch: int = 1,
-             best: dict | None = None, scaler_state: dict | None = None) -> dict:
-    """Train epochs ``start_epoch..num_epoch``, evaluating every ``eval_period`` and at the end.
+             best: dict | None = None, scaler_state: dict | None = None,
+             test_evaluator: Evaluator | None = None) -> dict:
+    """Train epochs ``start_epoch..num_epoch``, evaluating ``evaluator`` (the selection split) every
+    ``eval_period`` and at the end; returns what ``results.json`` holds (``run_report``).
 
     Before each epoch every head's ``before_epoch`` runs. After every epoch ``last.pth`` holds the
-    full training state (exact resume, heads' per-epoch state included); ``best.pth`` and
-    ``results.json`` follow ``select_metric``. All files are written atomically. Under DDP ``model``
-    is the wrapped model; every process evaluates its share; rank 0 logs and writes files.
+    full training state (exact resume, heads' per-epoch state included); ``best.pth`` follows
+    ``select_metric`` on the selection split. Selecting on the test split (the published protocol),
+    ``results.json`` is rewritten after every evaluation. Selecting on val, ``test_evaluator`` runs
+    once training ends, on the last and on the selected weights, and ``results.json`` is written
+    then. All files are written atomically. Under DDP ``model`` is the wrapped model; every process
+    evaluates its share; rank 0 logs and writes files.
     """
     main = is_main_process()
     bare = getattr(model, "module", model)  # the model without its DDP wrapper
@@ -138,6 +172,8 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
         trainer.step.scaler.load_state_dict(scaler_state)
     select = parse_select_metric(cfg.select_metric)
     best = best or {}
+    on_test = cfg.val_dataset == "test"
+    latest: Evaluation | None = None  # the selection split's last evaluation (test protocol: the test split)
     logger.info("training epochs %d..%d, %d iterations each, %d process(es)", start_epoch, cfg.num_epoch,
                 len(train_loader), get_world_size())
 
@@ -172,21 +208,45 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
             logger.info("epoch %d done in %.1fs, lr %.2e, %s", epoch, time.time() - start, lr,
                         ", ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
         if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
-            results = evaluator.eval(bare, device).results  # every process: its share, the same numbers
+            latest = evaluator.eval(bare, device)  # every process: its share, the same numbers
+            results = latest.results
             if is_better(results, best, select):
                 best = {**results, "epoch": epoch}
             if main:
-                logger.info("validation (%s) at epoch %d:\n%s", cfg.val_dataset, epoch, results_table(results))
+                label = "test split, published protocol" if on_test else "val split"
+                logger.info("selection evaluation (%s) at epoch %d:\n%s", label, epoch, results_table(results))
                 for task, metrics in results.items():
                     for key, value in metrics.items():
-                        writer.add_scalar(f"eval/{task}_{key}", value, epoch)
+                        writer.add_scalar(f"{'test' if on_test else 'val'}/{task}_{key}", value, epoch)
                 if best["epoch"] == epoch:
-                    save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results},
-                                    run_dir / "best.pth")
-                    write_json(best, run_dir / "results.json")
+                    save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results,
+                                     "selection_split": cfg.val_dataset}, run_dir / "best.pth")
+                if on_test:
+                    write_json(run_report(cfg, best, latest, best, {"epoch": epoch, **results}),
+                               run_dir / "results.json")
         save_last(epoch)
         barrier()
     if main:
         writer.close()
-        logger.info("best %s %.3f at epoch %d", cfg.select_metric, best[select[0]][select[1]], best["epoch"])
-    return best
+        logger.info("selected %s %.3f (%s split) at epoch %d", cfg.select_metric, best[select[0]][select[1]],
+                    cfg.val_dataset, best["epoch"])
+    if on_test and latest is not None:
+        return run_report(cfg, best, latest, best, {"epoch": cfg.num_epoch, **latest.results})
+    return final_test(cfg, bare, best, test_evaluator or evaluator, run_dir, device)
+
+
+def final_test(cfg, bare, best: dict, test_evaluator: Evaluator, run_dir: Path, device: torch.device) -> dict:
+    """After training: the test split at the last epoch's weights and at the selected ones (one
+    evaluation when they are the same epoch); writes ``results.json``. ``bare`` ends with the
+    selected weights."""
+    last = test_evaluator.eval(bare, device)
+    selected = last
+    if best["epoch"] != cfg.num_epoch:
+        load_selected(bare, run_dir)
+        selected = test_evaluator.eval(bare, device)
+    report = run_report(cfg, selected.results, selected, best, {"epoch": cfg.num_epoch, **last.results})
+    if is_main_process():
+        logger.info("test at the selected epoch %d:\n%s", best["epoch"], results_table(selected.results))
+        logger.info("test at the last epoch %d:\n%s", cfg.num_epoch, results_table(last.results))
+        write_json(report, run_dir / "results.json")
+    return report

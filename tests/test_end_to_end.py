@@ -16,6 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import test as test_entry
 import train as train_entry
 from datasets.toy import generate_toy_dataset
+from processor.processor import metric_blocks
 from utils.options import build_parser, load_yaml, resolve
 from utils.visualize import restoration_size
 
@@ -26,6 +27,9 @@ TINY = ["--pretrain_choice", "none", "--img_size", "48", "24", "--vision_patch_s
         "--test_batch_size", "64", "--num_workers", "0", "--lr", "1e-3", "--optimizer_eps", "1e-8",
         "--warmup_epochs", "1", "--log_period", "5"]
 METRICS = {"R1", "R5", "R10", "mAP", "mINP"}
+# results.json of a run (beside the metric blocks): what was evaluated, how the epoch was selected
+RUN_REPORT_KEYS = {"t2i", "i2t", "epoch", "checkpoint", "split", "queries", "gallery", "excluded_queries",
+                   "skipped_images", "selection", "last"}
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +53,14 @@ def test_training_writes_a_self_describing_run_directory(trained_run):
     for name in ("configs.yaml", "train_log.txt", "best.pth", "results.json"):
         assert (run_dir / name).is_file(), name
     results = json.loads((run_dir / "results.json").read_text())
+    assert set(results) == RUN_REPORT_KEYS and results == best
     assert set(results["t2i"]) == METRICS and set(results["i2t"]) == METRICS
     assert all(0.0 <= v <= 100.0 for task in ("t2i", "i2t") for v in results[task].values())
-    assert results["t2i"] == best["t2i"]
+    assert results["split"] == "test" and results["selection"]["split"] == "test"
+    assert results["selection"]["protocol"].startswith("published")
+    assert results["queries"] == {"t2i": 48, "i2t": 24} and results["excluded_queries"] == {"t2i": 0, "i2t": 0}
+    assert results["last"]["epoch"] == 2 and results["skipped_images"] == []
+    assert results["selection"]["value"] == results["t2i"]["R1"]
     saved = yaml.safe_load((run_dir / "configs.yaml").read_text())
     assert saved["output_dir"] == str(run_dir) and saved["num_classes"] == 24
     assert saved["clip"]["vision_width"] == 64
@@ -71,7 +80,7 @@ def test_tensorboard_logs_every_loss(trained_run):
     tags = set(events.Tags()["scalars"])
     for name in ("sdm_loss", "mlm_loss", "id_loss", "lr", "img_acc", "txt_acc", "mlm_acc"):
         assert f"train/{name}" in tags
-    assert "eval/t2i_R1" in tags
+    assert "test/t2i_R1" in tags  # the selection split names the tag (val/ when selecting on val)
     losses = [e.value for e in events.Scalars("train/sdm_loss")]
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
 
@@ -94,6 +103,7 @@ def test_uit_training_logs_its_losses_and_restores(toy_root, tmp_path):
                                "--visualize_tir", "3"])
     saved = json.loads((tmp_path / "results.json").read_text())
     assert results["t2i"]["R1"] == pytest.approx(saved["t2i"]["R1"], abs=1e-4)
+    assert json.loads((tmp_path / "eval" / "test_results.json").read_text()) == results
     with Image.open(tmp_path / "eval" / "restoration.png") as picture:
         assert picture.size == restoration_size(3, (48, 24))
         pixels = np.asarray(picture.convert("RGB"))
@@ -112,7 +122,12 @@ def test_test_py_reproduces_the_best_epoch(trained_run, tmp_path):
     for task in ("t2i", "i2t"):
         for key in METRICS:
             assert results[task][key] == pytest.approx(best[task][key], abs=0.01)
-    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert json.loads((tmp_path / "test_results.json").read_text()) == results
+    assert results["epoch"] == best["epoch"] and results["checkpoint"] == str(run_dir / "best.pth")
+    before = (run_dir / "results.json").read_bytes()
+    test_entry.main(["--config_file", str(run_dir / "configs.yaml")])  # into the run directory itself
+    assert (run_dir / "results.json").read_bytes() == before  # training's results are never overwritten
+    assert json.loads((run_dir / "test_results.json").read_text())["t2i"] == results["t2i"]
 
 
 @pytest.mark.parametrize("fmt", ["state_dict", "jit"])
@@ -122,7 +137,7 @@ def test_zero_shot_evaluates_a_pretrained_checkpoint(toy_root, openai_checkpoint
     results = test_entry.main(["--zero_shot", "--dataset_name", "CUHK-PEDES", "--root_dir", str(toy_root),
                                "--pretrain_choice", str(ckpt), "--output_dir", str(out),
                                "--img_size", "48", "24", "--num_workers", "0", "--test_batch_size", "64"])
-    assert json.loads((out / "results.json").read_text()) == results
+    assert json.loads((out / "test_results.json").read_text()) == results
     assert (out / "configs.yaml").is_file()
 
 
@@ -133,7 +148,7 @@ def test_zero_shot_formats_agree(toy_root, openai_checkpoint, tmp_path):
     jit, _ = openai_checkpoint(fmt="jit")
     a = test_entry.main([*args, "--pretrain_choice", str(sd), "--output_dir", str(tmp_path / "a")])
     b = test_entry.main([*args, "--pretrain_choice", str(jit), "--output_dir", str(tmp_path / "b")])
-    assert a == b
+    assert metric_blocks(a) == metric_blocks(b) and a["checkpoint"] == str(sd) and b["checkpoint"] == str(jit)
 
 
 @pytest.mark.parametrize("flags, message", [  # every case in-process: test_reliability.py

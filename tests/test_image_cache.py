@@ -13,7 +13,7 @@ from datasets import build_dataset
 from datasets.build import build_eval_loaders, build_train_loader
 from datasets.cache import DecodedImageCache
 from datasets.toy import generate_toy_dataset
-from test_end_to_end import REPO, TINY
+from test_end_to_end import REPO, RUN_REPORT_KEYS, TINY
 from utils.options import defaults
 from utils.simple_tokenizer import SimpleTokenizer
 
@@ -79,4 +79,4 @@ def test_training_with_the_cache(toy, tmp_path):
     best = train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(root),
                              "--output_dir", str(tmp_path / "run"), "--num_epoch", "1", "--image_cache",
                              "--img_aug"])
-    assert set(best) == {"t2i", "i2t", "epoch"}
+    assert set(best) == RUN_REPORT_KEYS

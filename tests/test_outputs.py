@@ -56,10 +56,10 @@ def test_collect_results_prints_a_markdown_table(run, tmp_path, capsys):
     (other / "configs.yaml").write_text(yaml.safe_dump({"name": "irra", "dataset_name": "CUHK-PEDES"}))
     assert collect_main([str(run), str(other)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "| method | dataset | R1 | R5 | R10 | mAP | mINP |"
-    assert lines[3] == "| irra | CUHK-PEDES | 73.38 | 89.93 | 93.71 | 66.13 | 50.24 |"
+    assert lines[0] == "| method | dataset | n | R1 | R5 | R10 | mAP | mINP |"
+    assert lines[3] == "| irra | CUHK-PEDES | 1 | 73.38 | 89.93 | 93.71 | 66.13 | 50.24 |"
     best = json.loads((run / "results.json").read_text())["t2i"]
-    assert lines[2].startswith("| demo | CUHK-PEDES | " + f"{best['R1']:.2f} |")
+    assert lines[2].startswith("| demo | CUHK-PEDES | 1 | " + f"{best['R1']:.2f} |")
     assert collect_main([str(tmp_path / "missing")]) == 1
 
 

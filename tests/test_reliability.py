@@ -17,7 +17,7 @@ import test as test_entry
 import train as train_entry
 from conftest import train_until_killed_after_epoch_one
 from datasets.toy import generate_toy_dataset
-from test_end_to_end import REPO, TINY
+from test_end_to_end import REPO, RUN_REPORT_KEYS, TINY
 from model.build import build_model
 from utils.errors import run_cli
 from utils.iotools import save_checkpoint, set_seed
@@ -55,7 +55,7 @@ def test_resume_continues_exactly(toy_root, tmp_path, monkeypatch, workers, meth
     train_entry.main(_args(toy_root, interrupted, "--num_epoch", "3", "--num_workers", workers, *method, "--resume"))
 
     a, b = _results(straight), _results(interrupted)
-    assert a["epoch"] == b["epoch"]
+    assert a["epoch"] == b["epoch"] and a["last"]["epoch"] == b["last"]["epoch"] == 3
     for task in ("t2i", "i2t"):
         for key, value in a[task].items():
             assert b[task][key] == pytest.approx(value, abs=1e-4)
@@ -96,7 +96,7 @@ def test_sigkill_then_resume(toy_root, tmp_path):
     resumed = subprocess.run(args + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert torch.load(run_dir / "last.pth", weights_only=False)["epoch"] == 4
-    assert set(_results(run_dir)) == {"t2i", "i2t", "epoch"}
+    assert set(_results(run_dir)) == RUN_REPORT_KEYS
 
 
 KILL_DURING_WRITE = """
@@ -184,7 +184,7 @@ def test_unreadable_training_image_is_replaced_by_its_identity_and_counted(toy_r
     generate_toy_dataset(root, num_train_ids=16, num_val_ids=2, num_test_ids=8, image_size=(48, 24))
     bad = root / "CUHK-PEDES/imgs/toy/0001_00.jpg"
     _corrupt(bad)
-    train_entry.main(_args(root, tmp_path / "run", "--num_epoch", "1"))
+    train_entry.main(_args(root, tmp_path / "run", "--num_epoch", "1", "--max_unreadable_train", "0.05"))
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith(f"cannot read image {bad}") for m in messages) == 1  # read once per process
     replaced = [m for m in messages if f"(image {bad}) replaced by sample" in m]
@@ -205,7 +205,8 @@ def test_unreadable_gallery_image_stops_evaluation_unless_skipped(tmp_path, caps
     assert capsys.readouterr().err.strip().splitlines()[-1] == (f"error: cannot read gallery image {bad} "
                                                "(pass --skip_bad_images to leave it out)")
     results = test_entry.main(["--config_file", str(run_dir / "configs.yaml"), "--skip_bad_images"])
-    assert set(results) == {"t2i", "i2t"}
+    assert {"t2i", "i2t"} <= set(results) and results["skipped_images"] == [str(bad)]
+    assert results["gallery"]["t2i"] == 15 and results["excluded_queries"] == {"t2i": 0, "i2t": 0}
 
 
 def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
@@ -234,7 +235,7 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
                               "error: unknown loss name 'idd' in loss_names 'sdm+idd'; known: aptm_fusion, aptm_itc, aptm_mlm, "
                               "ccd, cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tal, tir, trl, tse"),
         "unknown dataset": (["--dataset_name", "Market-1501"],
-                            "error: unknown dataset_name 'Market-1501'; known: CUHK-PEDES, ICFG-PEDES, RSTPReid"),
+                            "error: unknown dataset_name 'Market-1501'; known: CUHK-PEDES, ICFG-PEDES, RSTPReid, UFine6926"),
         "unknown config key": (["--config_file", f"{root}/bad.yaml"],
                                f"error: unknown config key 'batchsize' in {root}/bad.yaml; did you mean 'batch_size'?"),
         "missing config file": (["--config_file", f"{root}/none.yaml"], f"error: config file not found: {root}/none.yaml"),

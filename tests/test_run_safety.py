@@ -127,6 +127,30 @@ def test_an_interruption_says_how_to_continue(toy_root, tmp_path, monkeypatch, c
     assert "resumed from" in (run / "train_log.txt").read_text()
 
 
+CONFIG_CASES = {
+    ("--lr", "-1"): "lr must be greater than 0, got -1.0",
+    ("--lr", "0"): "lr must be greater than 0, got 0.0",
+    ("--temperature", "0"): "temperature must be greater than 0, got 0.0",
+    ("--log_period", "0"): "log_period must be at least 1, got 0",
+    ("--eval_period", "0"): "eval_period must be at least 1, got 0",
+    ("--num_epoch", "0"): "num_epoch must be at least 1, got 0",
+    ("--batch_size", "0"): "batch_size must be at least 1, got 0",
+    ("--num_workers", "-1"): "num_workers must be at least 0, got -1",
+    ("--batch_size", "ten"): "argument --batch_size: invalid int value: 'ten'",
+}
+
+
+@pytest.mark.parametrize("flags", list(CONFIG_CASES))
+def test_out_of_range_values_are_named_before_anything_runs(toy_root, tmp_path, capsys, flags):
+    assert _refused(_args(toy_root, tmp_path / "run", *flags), capsys) == f"error: {CONFIG_CASES[flags]}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_head_settings_are_range_checked_too(toy_root, tmp_path, capsys):
+    assert _refused(_args(toy_root, tmp_path / "run", "--loss_names", "sdm+id", "--sdm_loss_weight", "-1"), capsys) \
+        == "error: sdm_loss_weight must be at least 0.0, got -1.0"
+
+
 def test_config_errors_are_config_errors():
     with pytest.raises(ConfigError, match="unknown flag --epochs; did you mean --num_epoch"):
         train_entry.main(["--epochs", "3"])
@@ -185,7 +209,8 @@ def test_non_utf8_annotations_and_empty_or_unreadable_splits(broken_root, tmp_pa
     assert "is not UTF-8 text" in _refused(_args(broken_root, tmp_path / "run"), capsys)
     path.write_text(json.dumps([e for e in entries if e["split"] != "val"]))
     assert _refused(_args(broken_root, tmp_path / "run", "--val_dataset", "val"), capsys) == \
-        "error: the val split of CUHK-PEDES is empty (0 images, 0 captions); select on the test split with " \
+        "error: the val split of CUHK-PEDES is empty (0 images, 0 captions); carve one from training identities " \
+        "with --val_ids_from_train N, or select on the test split with " \
         "--val_dataset test"
     path.write_text(json.dumps(entries))
     first_test = next(e for e in entries if e["split"] == "test")["file_path"]
@@ -209,3 +234,79 @@ def test_test_py_names_a_config_that_is_not_a_run(finished_run, tmp_path, capsys
     (copy / "configs.yaml").write_bytes((finished_run / "configs.yaml").read_bytes())
     assert run_cli(test_entry.main, ["--config_file", str(copy / "configs.yaml")]) == 1
     assert "no best.pth beside" in capsys.readouterr().err
+
+
+def test_unreadable_training_images_are_counted_before_training(broken_root, tmp_path, capsys):
+    import json
+    entries = json.loads((broken_root / "CUHK-PEDES" / "reid_raw.json").read_text())
+    train = [broken_root / "CUHK-PEDES" / "imgs" / e["file_path"] for e in entries if e["split"] == "train"]
+    train[0].write_bytes(b"")
+    line = _refused(_args(broken_root, tmp_path / "run"), capsys)
+    assert line == (f"error: 1 of {len(train)} training images ({1 / len(train):.1%}) cannot be read, e.g. {train[0]}; "
+                    "at most max_unreadable_train 0.01 is tolerated")
+    assert not (tmp_path / "run").exists()
+    for path in train:
+        path.write_bytes(b"not an image")
+    assert _refused(_args(broken_root, tmp_path / "run", "--max_unreadable_train", "1"), capsys) == \
+        f"error: none of the {len(train)} training images of CUHK-PEDES can be read, e.g. {train[0]}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_tolerated_share_of_unreadable_training_images_trains(broken_root, tmp_path, caplog):
+    import json
+    entries = json.loads((broken_root / "CUHK-PEDES" / "reid_raw.json").read_text())
+    first = next(e for e in entries if e["split"] == "train")["file_path"]
+    (broken_root / "CUHK-PEDES" / "imgs" / first).write_bytes(b"")
+    train_entry.main(_args(broken_root, tmp_path / "run", "--num_epoch", "1", "--max_unreadable_train", "0.5"))
+    assert "1 unreadable training image(s)" in caplog.text
+    assert (tmp_path / "run" / "best.pth").is_file()
+
+
+def test_an_image_cache_that_cannot_be_written_is_named(toy_root, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    line = _refused(_args(toy_root, tmp_path / "run", "--image_cache", "--cache_dir", str(blocker / "cache")), capsys)
+    assert line.startswith(f"error: cannot write the image cache {blocker / 'cache'}/") and \
+        line.endswith("give --cache_dir a writable folder"), line
+    assert not (tmp_path / "run").exists()
+
+
+def test_long_captions_are_counted(toy_root, tmp_path, caplog):
+    from datasets import build_dataset
+    from datasets.checks import long_captions, report_long_captions
+    from utils.simple_tokenizer import SimpleTokenizer
+    tokenizer = SimpleTokenizer()
+    captions = ["a man", "a man in a red coat with a black bag and blue jeans walking"]
+    assert long_captions(captions, tokenizer, 77) == []
+    assert long_captions(captions, tokenizer, 5) == [1]  # SOT a man EOT = 4 tokens
+    assert long_captions(captions, tokenizer, 4) == [1]
+    assert long_captions(captions, tokenizer, 3) == [0, 1]
+    dataset = build_dataset("CUHK-PEDES", toy_root)
+    counts = report_long_captions(dataset, ["train", "test"], tokenizer, 8)
+    expected = sum(len(tokenizer.encode(c)) > 6 for *_, c in dataset.train)
+    assert counts["train"] == expected > 0
+    assert f"{expected} of {len(dataset.train)} train captions are longer than text_length 8" in caplog.text
+
+
+def test_visualize_with_skipped_images_draws_the_ranked_gallery(finished_run, toy_root, tmp_path, monkeypatch):
+    import json
+    import shutil
+
+    import test as test_entry
+    from datasets import build_dataset
+    root = tmp_path / "data"
+    shutil.copytree(toy_root, root)
+    test_split = build_dataset("CUHK-PEDES", root).test
+    bad = test_split.img_paths[1]
+    Path(bad).write_bytes(b"")
+    drawn = []
+    monkeypatch.setattr(test_entry, "retrieval_grid", lambda *a: drawn.append(a) or type("P", (), {"save": print})())
+    results = test_entry.main(["--config_file", str(finished_run / "configs.yaml"), "--root_dir", str(root),
+                               "--output_dir", str(tmp_path / "eval"), "--skip_bad_images", "--visualize", "4"])
+    captions, query_pids, paths, pids, _ = drawn[0]
+    pid_of = dict(zip(test_split.img_paths, test_split.image_pids))
+    assert len(paths) == 4 and all(len(row) == 10 for row in paths)
+    for row, row_pids in zip(paths, pids):
+        assert bad not in row and [pid_of[p] for p in row] == row_pids  # thumbnail and its identity agree
+    assert results["skipped_images"] == [bad] and results["gallery"]["t2i"] == len(test_split.img_paths) - 1
+    assert json.loads((tmp_path / "eval" / "test_results.json").read_text()) == results

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = resolve_device(cfg.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     tokenizer = SimpleTokenizer()
-    dataset = build_dataset(cfg.dataset_name, cfg.root_dir)
+    dataset = build_dataset(cfg.dataset_name, cfg.root_dir, cfg.annotation_format)
     configure_heads(cfg, dataset, tokenizer)
     model = build_model(cfg, dataset.num_classes).to(device)
     model.encoder.set_grad_checkpointing(cfg.grad_checkpointing)

@@ -1,52 +1,110 @@
-"""Print a Markdown table in the papers' format from run directories.
+"""Print a table in the papers' format from run directories; runs that differ only in their seed
+are one row: mean +- sample standard deviation over the n seeds.
 
-    python tools/collect_results.py logs/CUHK-PEDES/*_irra logs/RSTPReid/*_irra [--task t2i]
+    python tools/collect_results.py logs/CUHK-PEDES/* [--task t2i] [--at last] [--format csv]
 
-Each run directory needs ``results.json`` and ``configs.yaml`` (written by train.py / test.py).
-The method column is the run's ``name``, or its ``loss_names`` when the name is empty.
+Each run directory needs ``results.json`` and ``configs.yaml`` (written by train.py). ``--at
+selected`` (default) reports the test metrics at the selected checkpoint, ``--at last`` those at the
+last epoch. The method column is the run's ``name``, or its ``loss_names`` when the name is empty.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 METRICS = ("R1", "R5", "R10", "mAP", "mINP")
+# keys that say where or how a run was executed, not what was trained
+BOOKKEEPING = {"seed", "output_dir", "resume", "resume_ckpt_file", "overwrite", "num_workers", "device",
+               "config_file"}
 
 
-def result_row(run_dir: Path, task: str) -> list[str]:
+@dataclass
+class Group:
+    method: str
+    dataset: str
+    seeds: list[int] = field(default_factory=list)
+    values: dict[str, list[float]] = field(default_factory=lambda: {m: [] for m in METRICS})
+
+
+def read_run(run_dir: Path, task: str, at: str) -> tuple[dict, dict[str, float]]:
+    """(config, metrics of ``task``) of one run."""
     for name in ("results.json", "configs.yaml"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found")
     results = json.loads((run_dir / "results.json").read_text())
     cfg = yaml.safe_load((run_dir / "configs.yaml").read_text()) or {}
+    if at == "last":
+        if "last" not in results:
+            raise ValueError(f"{run_dir / 'results.json'} has no 'last' block (written by an older version)")
+        results = results["last"]
     if task not in results:
-        raise ValueError(f"{run_dir / 'results.json'} has no '{task}' block (has: {', '.join(results)})")
-    method = cfg.get("name") or cfg.get("loss_names", "?")
-    return [method, cfg.get("dataset_name", "?")] + [f"{results[task][m]:.2f}" for m in METRICS]
+        blocks = [k for k, v in results.items() if isinstance(v, dict) and "R1" in v]
+        raise ValueError(f"{run_dir / 'results.json'} has no '{task}' block (has: {', '.join(blocks)})")
+    return cfg, results[task]
 
 
-def markdown_table(rows: list[list[str]]) -> str:
-    header = ["method", "dataset", *METRICS]
+def group_runs(run_dirs: list[Path], task: str, at: str) -> list[Group]:
+    """Runs grouped by their config without the seed and the bookkeeping keys, in first-seen order."""
+    groups: dict[str, Group] = {}
+    for run_dir in run_dirs:
+        cfg, metrics = read_run(run_dir, task, at)
+        key = json.dumps({k: v for k, v in cfg.items() if k not in BOOKKEEPING}, sort_keys=True, default=str)
+        group = groups.setdefault(key, Group(cfg.get("name") or cfg.get("loss_names", "?"), cfg.get("dataset_name", "?")))
+        group.seeds.append(cfg.get("seed"))
+        for metric in METRICS:
+            group.values[metric].append(float(metrics[metric]))
+    return list(groups.values())
+
+
+def cell(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def markdown_table(groups: list[Group]) -> str:
+    header = ["method", "dataset", "n", *METRICS]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["| " + " | ".join([g.method, g.dataset, str(len(g.seeds))] + [cell(g.values[m]) for m in METRICS])
+              + " |" for g in groups]
     return "\n".join(lines)
+
+
+def csv_table(groups: list[Group]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["method", "dataset", "n", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
+    for g in groups:
+        row = [g.method, g.dataset, len(g.seeds), " ".join(map(str, g.seeds))]
+        for m in METRICS:
+            values = g.values[m]
+            row += [f"{statistics.mean(values):.4f}", f"{statistics.stdev(values):.4f}" if len(values) > 1 else ""]
+        writer.writerow(row)
+    return out.getvalue().rstrip("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path)
-    parser.add_argument("--task", default="t2i", help="results block: t2i, i2t, t2i_rerank")
+    parser.add_argument("--task", default="t2i", help="results block: t2i, i2t, t2i_rerank, ...")
+    parser.add_argument("--at", choices=("selected", "last"), default="selected",
+                        help="test metrics at the selected checkpoint or at the last epoch")
+    parser.add_argument("--format", choices=("markdown", "csv"), default="markdown")
     args = parser.parse_args(argv)
     try:
-        rows = [result_row(run_dir, args.task) for run_dir in args.run_dirs]
-    except (OSError, ValueError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
+        groups = group_runs(args.run_dirs, args.task, args.at)
+    except (OSError, ValueError, KeyError, yaml.YAMLError) as err:  # JSONDecodeError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(markdown_table(rows))
+    print(markdown_table(groups) if args.format == "markdown" else csv_table(groups))
     return 0
 
 

@@ -34,7 +34,13 @@ CORE = (
     S("output_dir", "", "the run directory itself; empty: logs/<dataset>/<time>_<name>"),
     S("log_period", 100, "log the running losses every this many steps", low=1),
     S("eval_period", 1, "evaluate every this many epochs (and after the last)", low=1),
-    S("val_dataset", "test", "split used for per-epoch evaluation and model selection", choices=("test", "val")),
+    S("val_dataset", "test", "split that selects the epoch of best.pth: val (held out; test is evaluated only at "
+      "the selected and the last epoch) or test (the published protocol)", choices=("test", "val")),
+    S("val_ids_from_train", 0, "for datasets without a val split (ICFG-PEDES): move this many training identities "
+      "into one (implies val_dataset val)", low=0),
+    S("val_ids_seed", 0, "seed of the draw of val_ids_from_train (independent of seed)"),
+    S("val_ids", [], "the training identities moved into val (written by train.py; given, they are used as is)",
+      item=int),
     S("select_metric", "t2i.R1", "block.metric of the evaluation results that chooses best.pth "
       "(blocks: t2i, i2t, t2i_rerank, t2i_<feature set>; metrics: R1, R5, R10, mAP, mINP)"),
     S("resume", False, "continue from RUN_DIR/last.pth (output_dir is the run directory)"),
@@ -45,6 +51,8 @@ CORE = (
     S("seed", 1, "seeds Python, NumPy, torch and the data loader"),
     S("deterministic", False, "torch.use_deterministic_algorithms"),
     S("max_nonfinite_steps", 10, "consecutive non-finite losses that stop the run", low=1),
+    S("max_unreadable_train", 0.01, "share of unreadable training images tolerated (their samples are replaced "
+      "by others of the same identity); more stops the run before training", **PROBABILITY),
     S("skip_bad_images", False, "evaluation leaves unreadable gallery images out instead of stopping"),
     S("device", "auto", "auto (cuda if available), cpu, cuda, cuda:N"),
     S("amp", "off", "autocast precision; weights stay fp32 (fp16 adds a GradScaler)", choices=("off", "bf16", "fp16")),
@@ -56,7 +64,7 @@ CORE = (
       "hf:PATH (a Hugging Face CLIPModel folder), or 'none' (from scratch)"),
     S("clip_activation", "auto", "MLP activation of the loaded CLIP: auto (what its source says; exact GELU "
       "for a bare open_clip file), quick_gelu, gelu", choices=("auto", "quick_gelu", "gelu")),
-    S("temperature", 0.02, "softmax temperature of the contrastive heads (logit scale 1/temperature)", low=1e-6),
+    S("temperature", 0.02, "softmax temperature of the contrastive heads (logit scale 1/temperature)", above=0.0),
     S("img_size", [384, 128], "image height and width"),
     S("stride_size", 16, "patch stride of the ViT (equal to the patch size: no overlap)", low=1),
     S("text_length", 77, "caption tokens, SOT and EOT included", low=3),
@@ -71,7 +79,9 @@ CORE = (
     # evaluation
     S("rerank_k", 128, "first-stage candidates per query that a re-ranking head re-scores", low=1),
     # data
-    S("dataset_name", "CUHK-PEDES", "benchmark: CUHK-PEDES, ICFG-PEDES, RSTPReid"),
+    S("dataset_name", "CUHK-PEDES", "benchmark: CUHK-PEDES, ICFG-PEDES, RSTPReid, UFine6926"),
+    S("annotation_format", "raw", "raw: the benchmark's published annotation file; tbps: TBPS-CLIP's "
+      "train_reid.json + test_reid.json (optional captions_bt, no val split)", choices=("raw", "tbps")),
     S("root_dir", "./data", "folder holding the benchmark folders"),
     S("sampler", "random", "random; identity (P x K); idrannum (SEN: 1..K per identity)",
       choices=("random", "identity", "idrannum")),
@@ -86,7 +96,7 @@ CORE = (
       choices=("zero", "clip_mean")),
     # solver
     S("optimizer", "Adam", "optimizer", choices=("Adam", "AdamW", "SGD")),
-    S("lr", 1e-5, "base learning rate", low=0.0),
+    S("lr", 1e-5, "base learning rate", above=0.0),
     S("bias_lr_factor", 2.0, "lr factor of biases", low=0.0),
     S("lr_factor", 5.0, "lr factor of new cross-modal modules and classifiers", low=0.0),
     S("momentum", 0.9, "SGD momentum", low=0.0),
@@ -176,7 +186,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
             if isinstance(s.default, bool):
                 section.add_argument(f"--{s.key}", action=argparse.BooleanOptionalAction, help=s.describe())
             elif isinstance(s.default, list):
-                section.add_argument(f"--{s.key}", nargs="+", type=type(s.default[0]), help=s.describe())
+                section.add_argument(f"--{s.key}", nargs="*", type=s.item_type, help=s.describe())
             else:
                 section.add_argument(f"--{s.key}", type=type(s.default), choices=s.choices, help=s.describe())
     return parser

@@ -15,13 +15,20 @@ from .errors import ConfigError
 
 @dataclass(frozen=True)
 class Setting:
-    """One config key. ``choices`` lists the allowed values; ``low``/``high`` bound a number (inclusive)."""
+    """One config key. ``choices`` lists the allowed values; ``low``/``high`` bound a number (inclusive),
+    ``above`` from below exclusively (``lr`` > 0)."""
     key: str
     default: Any
     help: str
     choices: tuple[Any, ...] | None = None
     low: float | None = None
     high: float | None = None
+    above: float | None = None
+    item: type | None = None  # element type of a list whose default is empty
+
+    @property
+    def item_type(self) -> type:
+        return self.item or type(self.default[0])
 
     @property
     def type_name(self) -> str:
@@ -43,7 +50,9 @@ class Setting:
                     raise TypeError
                 value = float(value)
             elif isinstance(default, list):
-                value = [type(default[0])(v) for v in value]
+                if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+                    raise TypeError
+                value = [self.item_type(v) for v in value]
             else:
                 value = str(value)
         except (TypeError, ValueError):
@@ -54,6 +63,8 @@ class Setting:
         return value
 
     def _check_range(self, value: Any) -> None:
+        if self.above is not None and not value > self.above:
+            raise ConfigError(f"{self.key} must be greater than {self.above:g}, got {value}")
         if self.low is None and self.high is None:
             return
         low = float("-inf") if self.low is None else self.low
@@ -69,6 +80,8 @@ class Setting:
     def describe(self) -> str:
         """The help line with the default and the accepted values (for ``--help``)."""
         allowed = f"; one of {', '.join(map(str, self.choices))}" if self.choices else ""
+        if self.above is not None:
+            allowed += f"; greater than {self.above:g}"
         if self.low is not None or self.high is not None:
             allowed += f"; range [{'' if self.low is None else self.low}, {'' if self.high is None else self.high}]"
         return f"{self.help} (default {self.default!r}{allowed})"
