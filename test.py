@@ -15,7 +15,8 @@ import torch
 
 from datasets import DatasetError, build_dataset
 from datasets.build import build_eval_loaders, read_image
-from datasets.transforms import CLIP_MEAN, CLIP_STD, build_transforms
+from datasets.captions import clean_dataset_captions
+from datasets.transforms import NORMALIZATION, transforms_from_config
 from model.build import TBPSModel, build_encoder, build_model
 from model.heads import parse_loss_names
 from model.heads.tir import patchify, to_grayscale, unpatchify
@@ -67,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
     main_process = get_rank() == 0
     logger = setup_logger(out_dir if main_process else None, "test_log.txt", quiet=not main_process)
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir, cfg.annotation_format)
+    if cfg.caption_clean == "tbps":
+        clean_dataset_captions(dataset, cfg.caption_max_words)
     img_loader, txt_loader = build_eval_loaders(cfg, dataset, SimpleTokenizer(), "test", get_rank(), get_world_size())
     if zero_shot:
         model = TBPSModel(build_encoder(cfg), {})
@@ -116,7 +119,7 @@ def write_restorations(model: TBPSModel, cfg, split, num_captions: int, path: Pa
     chosen = torch.linspace(0, len(split.captions) - 1, min(num_captions, len(split.captions))).long().tolist()
     captions = [split.captions[i] for i in chosen]
     paths = [split.img_paths[split.image_pids.index(split.caption_pids[i])] for i in chosen]
-    transform = build_transforms(cfg.img_size, is_train=False)
+    transform = transforms_from_config(cfg, is_train=False)
     images = []
     for image_path in paths:
         image = read_image(image_path)
@@ -134,8 +137,7 @@ def write_restorations(model: TBPSModel, cfg, split, num_captions: int, path: Pa
         pred = pred * (patches.var(dim=-1, keepdim=True) + 1e-6).sqrt() + patches.mean(dim=-1, keepdim=True)
     visible = unpatchify((ids_restore < head.keep - 1).unsqueeze(-1).expand_as(patches).float(),
                          head.grid, head.patch)  # 1 on the pixels of the patches the encoder saw
-    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in NORMALIZATION[cfg.normalization])
     original, restored = (x * std + mean for x in (batch["images"], unpatchify(pred, head.grid, head.patch)))
     seen = original
     if head.gray:  # one normalised luma value per pixel: shown as a neutral gray

@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from datasets import build_dataset
 from datasets.bases import choose_val_ids
 from datasets.build import build_eval_loaders, build_train_loader
+from datasets.captions import clean_dataset_captions
 from datasets.checks import check_gallery, check_training_images, report_long_captions
 from model.build import build_model, configure_heads
 from model.run import initialise_from_run, run_architecture
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(cfg.dataset_name, cfg.root_dir, cfg.annotation_format)
     if cfg.val_ids_from_train or cfg.val_ids:
         carve_val_split(cfg, dataset)
+    if cfg.caption_clean == "tbps":
+        clean_dataset_captions(dataset, cfg.caption_max_words)
     eval_splits = sorted({cfg.val_dataset, "test"}, reverse=True)  # selection split first
     check_training_images(dataset, cfg.max_unreadable_train)
     for split in eval_splits:
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg.num_classes = dataset.num_classes
     cfg.clip = model.encoder.config.to_dict()
     optimizer = build_optimizer(cfg, model)
-    scheduler = build_lr_scheduler(cfg, optimizer)
+    scheduler = build_lr_scheduler(cfg, optimizer, -(-len(train_loader) // cfg.accum_steps))
     start_epoch, best, scaler_state = 1, None, None
     continuing = cfg.resume or bool(cfg.resume_ckpt_file)
     if continuing:

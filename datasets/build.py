@@ -19,7 +19,7 @@ from .captions import CaptionAugmentation
 from .fields import FieldBuilder, SampleSource, build_fields
 from .noise import inject_noise
 from .sampler import RandomIdentitySampler, RandomIdNumSampler
-from .transforms import build_tensor_transforms, build_transforms
+from .transforms import transforms_from_config
 
 ImageFile.LOAD_TRUNCATED_IMAGES = True
 logger = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ class ImageTextDataset(Dataset):
 
     def __init__(self, records, transform, tokenizer: SimpleTokenizer, text_length: int = 77,
                  fields: list[FieldBuilder] | None = None, cache: DecodedImageCache | None = None,
-                 augment: CaptionAugmentation | None = None, is_clean: list[bool] | None = None):
+                 augment: CaptionAugmentation | None = None, is_clean: list[bool] | None = None,
+                 translations: dict[str, str] | None = None):
         self.records = records
         self.is_clean = is_clean or [True] * len(records)
         self.cache = cache  # indexed by image_id; ``transform`` then takes uint8 tensors
@@ -58,6 +59,7 @@ class ImageTextDataset(Dataset):
         self.text_length = text_length
         self.fields = fields or []
         self.augment = augment or CaptionAugmentation()
+        self.translations = translations or {}  # caption -> its back-translation (follows noise injection)
         self.by_pid: dict[int, list[int]] = defaultdict(list)
         for index, record in enumerate(records):
             self.by_pid[record[0]].append(index)
@@ -96,7 +98,7 @@ class ImageTextDataset(Dataset):
             logger.warning("training sample %d (image %s) replaced by sample %d (identity %d -> %d)",
                            index, img_path, used, pid, self.records[used][0])
             pid, image_id, img_path, caption = self.records[used]
-        ids = self.augment(caption, self.tokenizer, self.text_length)
+        ids = self.augment(caption, self.tokenizer, self.text_length, translation=self.translations.get(caption, ""))
         sample = {"pids": pid, "image_ids": image_id, "images": self.transform(image), "caption_ids": ids,
                   "replaced": int(used != index)}
         source = SampleSource(used, pid, image_id, caption, image, self.transform, self.is_clean[used])
@@ -194,13 +196,28 @@ def build_eval_loaders(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, sp
         raise DatasetError(f"the {split} split of {dataset.name} is empty ({len(data.img_paths)} images, "
                            f"{len(data.captions)} captions){hint}")
     cache = open_cache(cfg, dataset, split, data.img_paths)
-    transform = build_transforms(cfg.img_size, is_train=False) if cache is None else \
-        build_tensor_transforms(cfg.img_size, is_train=False)
+    transform = transforms_from_config(cfg, is_train=False, tensors=cache is not None)
     images = ImageDataset(data.image_pids, data.img_paths, transform, cache)
     texts = TextDataset(data.caption_pids, data.captions, tokenizer, cfg.text_length)
     return tuple(DataLoader(items, batch_sampler=ShardedBatchSampler(len(items), cfg.test_batch_size, rank, world_size),
                             num_workers=cfg.num_workers, **extra)
                  for items, extra in ((images, {"collate_fn": collate_images}), (texts, {})))
+
+
+def back_translations(dataset: BaseDataset, prob: float) -> dict[str, str]:
+    """Each training caption's back-translation (annotation ``captions_bt``), when ``prob`` > 0; logs
+    the share that has one (the others keep their caption when drawn). None at all is an error:
+    that would silently be another recipe."""
+    if prob == 0:
+        return {}
+    found = {caption: bt for (*_, caption), bt in zip(dataset.train, dataset.back_translations) if bt.strip()}
+    if not found:
+        raise ConfigError(f"back_translation_prob {prob} but no training caption of {dataset.name} has a "
+                          "back-translation (the annotation's captions_bt); set it to 0 or use annotations with one")
+    with_bt = sum(bool(bt.strip()) for bt in dataset.back_translations)
+    logger.info("%d of %d training captions (%.1f%%) have a back-translation", with_bt, len(dataset.train),
+                100 * with_bt / len(dataset.train))
+    return found
 
 
 def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, batch_fields: set[str],
@@ -218,11 +235,11 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
         raise DatasetError(f"the train split of {dataset.name} is empty")
     fields = build_fields(set(batch_fields) | ({"mlm_ids"} if cfg.MLM else set()), cfg, tokenizer)
     cache = open_cache(cfg, dataset, "train", dataset.train_image_paths())
-    transform = build_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value) if cache is None else \
-        build_tensor_transforms(cfg.img_size, True, cfg.img_aug, cfg.erase_value)
+    transform = transforms_from_config(cfg, is_train=True, tensors=cache is not None)
     records, is_clean = inject_noise(dataset.train, cfg.noisy_rate, cfg.noise_seed, cfg.noisy_file)
     train_set = ImageTextDataset(records, transform, tokenizer, cfg.text_length, fields, cache,
-                                 CaptionAugmentation.from_config(cfg), is_clean)
+                                 CaptionAugmentation.from_config(cfg), is_clean,
+                                 back_translations(dataset, cfg.back_translation_prob))
     kwargs = dict(batch_size=cfg.batch_size // world_size, num_workers=cfg.num_workers, collate_fn=collate,
                   generator=generator)
     if cfg.sampler in ("identity", "idrannum"):
@@ -232,5 +249,5 @@ def build_train_loader(cfg, dataset: BaseDataset, tokenizer: SimpleTokenizer, ba
         return DataLoader(train_set, sampler=sampler, **kwargs)
     if world_size > 1:
         sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=cfg.seed)
-        return DataLoader(train_set, sampler=sampler, **kwargs)
-    return DataLoader(train_set, shuffle=True, drop_last=False, **kwargs)
+        return DataLoader(train_set, sampler=sampler, drop_last=cfg.drop_last, **kwargs)
+    return DataLoader(train_set, shuffle=True, drop_last=cfg.drop_last, **kwargs)

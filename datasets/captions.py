@@ -1,7 +1,10 @@
-"""Caption token augmentations: IRRA's MLM masking and UIT's key-word pruning and corruption."""
+"""Caption cleaning and augmentations: IRRA's MLM masking, UIT's key-word pruning and corruption,
+RDE's token augmentation, TBPS-CLIP's cleaning, back-translation and random deletion."""
 from __future__ import annotations
 
+import logging
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -24,8 +27,57 @@ SETTINGS = (
             "(RDE: 0.2; 0 = off)", **PROBABILITY),
     Setting("txt_aug_mask", 0.6, "... of which this share becomes <|mask|>", **PROBABILITY),
     Setting("txt_aug_random", 0.2, "... this share a random token (the rest is deleted)", **PROBABILITY),
+    Setting("caption_clean", "none", "tbps: TBPS-CLIP's pre_caption on training captions, back-translations and "
+            "test queries (lower case, . ! \" ( ) * # : ; ~ removed, spaces collapsed)", choices=("none", "tbps")),
+    Setting("caption_max_words", 77, "caption_clean keeps this many words (TBPS-CLIP: 77)", low=1),
+    Setting("back_translation_prob", 0.0, "TBPS-CLIP: a training caption is replaced by its back-translation "
+            "(annotation captions_bt) with this probability (0.1); one without keeps its caption", **PROBABILITY),
+    Setting("random_deletion_prob", 0.0, "TBPS-CLIP (EDA): each word of a training caption is deleted with this "
+            "probability (0.05); a one-word caption stays, an emptied one keeps a random word", **PROBABILITY),
 )
 declare("caption augmentation", SETTINGS)
+
+
+logger = logging.getLogger(__name__)
+
+
+def pre_caption(caption: str, max_words: int = 77) -> str:
+    """TBPS-CLIP's caption cleaning (misc/caption_dataset.py): lower case, the characters
+    . ! " ( ) * # : ; ~ become spaces, runs of whitespace one space, stripped, first ``max_words``."""
+    caption = re.sub(r"([.!\"()*#:;~])", " ", caption.lower())
+    caption = re.sub(r"\s{2,}", " ", caption).rstrip("\n").strip(" ")
+    return " ".join(caption.split(" ")[:max_words])
+
+
+def clean_dataset_captions(dataset, max_words: int = 77) -> None:
+    """``pre_caption`` on a dataset's training captions, back-translations and evaluation captions;
+    a caption it empties (only punctuation) keeps its original text, counted in the log."""
+    kept = 0
+
+    def clean(caption: str) -> str:
+        nonlocal kept
+        cleaned = pre_caption(caption, max_words)
+        kept += not cleaned and bool(caption.strip())
+        return cleaned or caption
+
+    dataset.train = [(pid, image_id, path, clean(caption)) for pid, image_id, path, caption in dataset.train]
+    dataset.back_translations = [pre_caption(bt, max_words) if bt.strip() else "" for bt in dataset.back_translations]
+    for split in (dataset.val, dataset.test):
+        split.captions = [clean(caption) for caption in split.captions]
+    if kept:
+        logger.warning("%d captions hold nothing but punctuation; they keep their text", kept)
+
+
+def random_deletion(caption: str, prob: float, rng: random.Random | None = None) -> str:
+    """EDA's random deletion as TBPS-CLIP uses it: each whitespace word kept when a uniform draw
+    exceeds ``prob``; if none is kept, one random word. A one-word caption comes back unchanged
+    (upstream returns it as a list, which its tokenizer then rejects)."""
+    rng = rng or random
+    words = caption.split()
+    if len(words) <= 1:
+        return caption
+    kept = [word for word in words if rng.uniform(0, 1) > prob]
+    return " ".join(kept) if kept else rng.choice(words)
 
 
 @dataclass
@@ -104,7 +156,9 @@ class CaptionAugmentation:
     UIT's augmentations, in SEN's order: with ``prune_prob`` the caption is pruned to its key words
     before tokenisation; then, if ``corruption`` is set, its pieces are MLM-corrupted in place
     (key-word pieces selected with ``key_prob``, others ``other_prob``). RDE's token augmentation
-    (``txt_aug_prob`` > 0) comes last. The result is the caption every head sees in that step."""
+    (``txt_aug_prob`` > 0) comes last. TBPS-CLIP's come first: with ``back_translation_prob`` the
+    caption becomes its back-translation (when it has one), then ``random_deletion_prob`` deletes
+    words. The result is the caption every head sees in that step."""
     prune_prob: float = 0.0
     prune_mode: str = "pos_approx"
     corruption: MaskingConfig | None = None
@@ -113,17 +167,31 @@ class CaptionAugmentation:
     txt_aug_prob: float = 0.0
     txt_aug_mask: float = 0.6
     txt_aug_random: float = 0.2
+    back_translation_prob: float = 0.0
+    random_deletion_prob: float = 0.0
 
     @classmethod
     def from_config(cls, cfg) -> "CaptionAugmentation":
         corruption = MaskingConfig(1.0, cfg.masked_token_rate, cfg.masked_token_unchanged_rate) \
             if cfg.text_mask_corruption else None
         return cls(cfg.text_prune_prob, cfg.text_prune_mode, corruption, cfg.corruption_key_prob,
-                   cfg.corruption_other_prob, cfg.txt_aug_prob, cfg.txt_aug_mask, cfg.txt_aug_random)
+                   cfg.corruption_other_prob, cfg.txt_aug_prob, cfg.txt_aug_mask, cfg.txt_aug_random,
+                   cfg.back_translation_prob, cfg.random_deletion_prob)
+
+    def text(self, caption: str, rng: random.Random | None = None, translation: str = "") -> str:
+        """TBPS-CLIP's text augmentations: back-translation (when the caption has one; the draw is made
+        either way, so the random stream does not depend on it), then random deletion."""
+        rng = rng or random
+        if self.back_translation_prob > 0 and rng.random() < self.back_translation_prob and translation.strip():
+            caption = translation
+        if self.random_deletion_prob > 0:
+            caption = random_deletion(caption, self.random_deletion_prob, rng)
+        return caption
 
     def __call__(self, caption: str, tokenizer: SimpleTokenizer, text_length: int,
-                 rng: random.Random | None = None) -> torch.Tensor:
+                 rng: random.Random | None = None, translation: str = "") -> torch.Tensor:
         rng = rng or random
+        caption = self.text(caption, rng, translation)
         if self.prune_prob > 0 and rng.random() < self.prune_prob:
             caption = prune_caption(caption, self.prune_mode)
         if self.corruption is None:

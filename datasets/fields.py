@@ -17,6 +17,7 @@ from utils.simple_tokenizer import SimpleTokenizer, tokenize
 
 from .aptm_text import eda, span_mask
 from .captions import MaskingConfig, mask_tokens
+from .transforms import simclr_transform
 
 
 @dataclass
@@ -124,6 +125,25 @@ class SecondView(FieldBuilder):
 
     def __call__(self, sample, source):
         sample["images_view2"] = source.transform(source.image)
+
+
+@register_field
+class SimCLRViews(FieldBuilder):
+    """``images_ss``: two SimCLR views of the sample's original-resolution image, [2, 3, H, W]
+    (TBPS-CLIP's SS-I views, ``datasets/transforms.simclr_transform``)."""
+    keys = ("images_ss",)
+
+    def __init__(self, transform):
+        self.transform = transform
+
+    @classmethod
+    def from_config(cls, cfg, tokenizer):
+        return cls(simclr_transform(cfg.img_size, cfg.normalization))
+
+    def __call__(self, sample, source):
+        if isinstance(source.image, torch.Tensor):
+            raise ConfigError("images_ss needs the original images: turn image_cache off")
+        sample["images_ss"] = torch.stack([self.transform(source.image), self.transform(source.image)])
 
 
 @register_field

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.build import ImageDataset, collate_images
-from datasets.transforms import build_transforms
+from datasets.transforms import transforms_from_config
 from model.retrieval import normalise
 from model.run import TrainedRun
 from utils.errors import UserError
@@ -172,7 +172,7 @@ def update_index(run: TrainedRun, images: Path, index_path: Path, device: torch.
 
     model, retrieval = run.model.to(device).eval(), run.model.retrieval
     dataset = ImageDataset([0] * len(todo), [str(root / f.path) for f in todo],
-                           build_transforms(run.cfg.img_size, is_train=False), quiet=True)
+                           transforms_from_config(run.cfg, is_train=False), quiet=True)
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_images)
     dtype = AMP_DTYPES[amp]
     bad: list[str] = []

@@ -19,6 +19,7 @@ from model.retrieval import normalise
 from model.run import TrainedRun
 from utils.errors import UserError
 from utils.metrics import RerankStats
+from datasets.captions import pre_caption
 from utils.simple_tokenizer import SimpleTokenizer, pad_ids
 
 from .index import SearchIndex
@@ -74,6 +75,8 @@ class Searcher:
     def token_ids(self, sentence: str, strict: bool = False) -> torch.Tensor:
         """The sentence's ids; too long for the model: an error (``strict``) or cut, as in training."""
         text = sentence.strip()
+        if getattr(self.run.cfg, "caption_clean", "none") == "tbps":  # as the run's test queries were
+            text = pre_caption(text, self.run.cfg.caption_max_words)
         if not text:
             raise QueryError("empty query")
         if len(text) > MAX_QUERY_CHARS:

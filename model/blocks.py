@@ -51,6 +51,7 @@ class MultiheadAttention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         nn.init.zeros_(self.out_proj.bias)
+        self.dropout = 0.0  # on the attention probabilities, in training mode (nn.MultiheadAttention's)
 
     def projection_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The query, key and value projection weights."""
@@ -66,7 +67,8 @@ class MultiheadAttention(nn.Module):
         q, k, v = (self._split(F.linear(x, w, b))
                    for x, w, b in ((query, w_q, b_q), (key, w_k, b_k), (value, w_v, b_v)))
         attn_mask = None if key_mask is None else key_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
         batch, _, length, _ = out.shape
         return self.out_proj(out.transpose(1, 2).reshape(batch, length, -1))
 

@@ -62,7 +62,8 @@ def encoder_config_from(cfg) -> CLIPConfig:
 
 def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
     """CLIP from ``pretrain_choice`` (OpenAI name or checkpoint path, ``open_clip:...``, ``hf:PATH``)
-    or from scratch (``none``).
+    or from scratch (``none``), with the training options ``text_attn_dropout`` and
+    ``freeze_patch_embed``.
 
     With ``load_weights=False`` the architecture is rebuilt from the saved ``clip`` section of a
     run config, so a trained run is evaluated without reading the pretrained checkpoint again.
@@ -70,11 +71,19 @@ def build_encoder(cfg, load_weights: bool = True) -> CLIPEncoder:
     if not load_weights and getattr(cfg, "clip", None):
         arch = dict(cfg.clip)
         arch["image_size"] = tuple(arch["image_size"])
-        return CLIPEncoder(CLIPConfig(**arch))
-    if cfg.pretrain_choice == SCRATCH:
-        return CLIPEncoder(encoder_config_from(cfg))
-    return build_clip_encoder(clip_weights(cfg.pretrain_choice), tuple(cfg.img_size), cfg.stride_size, cfg.text_length,
-                              cfg.clip_activation)
+        encoder = CLIPEncoder(CLIPConfig(**arch))
+    elif cfg.pretrain_choice == SCRATCH:
+        encoder = CLIPEncoder(encoder_config_from(cfg))
+    else:
+        weights = clip_weights(cfg.pretrain_choice)
+        encoder = build_clip_encoder(weights, tuple(cfg.img_size), cfg.stride_size, cfg.text_length,
+                                     cfg.clip_activation)
+        if "logit_scale" in weights.state:  # the encoder ignores it; a learnable-scale head may start from it
+            encoder.pretrained_logit_scale = float(weights.state["logit_scale"])
+    encoder.set_text_attn_dropout(cfg.text_attn_dropout)
+    if cfg.freeze_patch_embed:
+        encoder.freeze_patch_embedding()
+    return encoder
 
 
 def configure_heads(cfg, dataset, tokenizer) -> None:

@@ -129,6 +129,8 @@ class CLIPEncoder(nn.Module):
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.heads("text"), cfg.quick_gelu)
         self.ln_final = LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.text_attn_dropout = 0.0
+        self.pretrained_logit_scale: float | None = None  # ln of the loaded checkpoint's logit scale, if any
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -142,6 +144,17 @@ class CLIPEncoder(nn.Module):
         vwidth, vlayers = self.visual.transformer.width, self.visual.transformer.layers
         self.visual.transformer.init_weights(vwidth ** -0.5, vwidth ** -0.5 * (2 * vlayers) ** -0.5,
                                              (2 * vwidth) ** -0.5)
+
+    def set_text_attn_dropout(self, p: float) -> None:
+        """Dropout ``p`` on the attention probabilities of every text block, in training mode only
+        (TBPS-CLIP: 0.05); the image tower stays deterministic."""
+        self.text_attn_dropout = p
+        for block in self.transformer.resblocks:
+            block.attn.dropout = p
+
+    def freeze_patch_embedding(self) -> None:
+        """``visual.conv1`` gets no gradient and no optimizer state (TBPS-CLIP's "locking bottom layers")."""
+        self.visual.conv1.weight.requires_grad_(False)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> None:
         """Trade compute for memory: recompute both towers' block activations during backward."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from utils.checkpoint import state_mismatch
 from utils.errors import UserError
 from utils.iotools import file_sha256
 
@@ -133,13 +134,9 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Te
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
     """``load_state_dict`` that names missing, unexpected and mis-shaped keys in one error."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    mis_shaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or mis_shaped:
-        raise CheckpointError(f"{path} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}, wrong shape {mis_shaped[:5]}")
+    mismatch = state_mismatch(model, state)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match the model: {mismatch}")
     model.load_state_dict(state)
 
 

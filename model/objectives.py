@@ -88,3 +88,55 @@ def masked_patch_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tenso
     the patches with ``mask`` 1 ([B, N] 0/1); patches with mask 0 contribute nothing."""
     per_patch = (pred - target).pow(2).mean(dim=-1)
     return (per_patch * mask).sum() / mask.sum()
+
+
+# ---------------------------------------------------------------- TBPS-CLIP (Cao et al., AAAI 2024)
+# Features below are L2-normalised already; rows and columns both span the global batch, so each
+# value equals TBPS-CLIP's per-rank value (local rows, gathered columns) averaged over its ranks.
+def identity_targets(pids: torch.Tensor) -> torch.Tensor:
+    """Q: same-identity indicators, each row divided by its sum (float32, as TBPS-CLIP builds it)."""
+    labels = identity_labels(pids)
+    return labels / labels.sum(dim=1, keepdim=True)
+
+
+def soft_label_itc(image: torch.Tensor, text: torch.Tensor, image_soft: torch.Tensor, text_soft: torch.Tensor,
+                   targets: torch.Tensor, alpha: float, scale: torch.Tensor) -> torch.Tensor:
+    """N-ITC with soft labels (TBPS-CLIP ``calc_contrastive``): cross-entropy of the row softmax of
+    ``scale`` x cosine against alpha x (the same softmax from the no-grad features) + (1 - alpha) x Q,
+    image->text and text->image averaged."""
+    with torch.no_grad():
+        soft_i2t = alpha * F.softmax(scale * image_soft @ text_soft.t(), dim=1) + (1 - alpha) * targets
+        soft_t2i = alpha * F.softmax(scale * text_soft @ image_soft.t(), dim=1) + (1 - alpha) * targets
+    i2t = -(F.log_softmax(scale * image @ text.t(), dim=1) * soft_i2t).sum(dim=1).mean()
+    t2i = -(F.log_softmax(scale * text @ image.t(), dim=1) * soft_t2i).sum(dim=1).mean()
+    return (i2t + t2i) / 2
+
+
+def reversed_itc(image: torch.Tensor, text: torch.Tensor, targets: torch.Tensor, scale: torch.Tensor,
+                 eps: float = 1e-2) -> torch.Tensor:
+    """R-ITC: KL(P || Q + eps) of the row softmax P of ``scale`` x cosine, the two directions averaged
+    (SDM's divergence with eps 1e-2, a learnable scale and a mean instead of a sum)."""
+    return (_kl_to_target(scale * image @ text.t(), targets, eps) + _kl_to_target(scale * text @ image.t(), targets, eps)) / 2
+
+
+def cyclic_itc(image: torch.Tensor, text: torch.Tensor, lambda_in: float = 0.25,
+               lambda_cross: float = 0.25) -> torch.Tensor:
+    """C-ITC (CyCLIP's form, as TBPS-CLIP's code): lambda_in x mean (u_i.u_j - v_i.v_j)^2 +
+    lambda_cross x mean (u_i.v_j - v_i.u_j)^2 over all N^2 pairs. Upstream multiplies by the logit
+    scale and divides by its square: it cancels, so it is left out (no gradient to it either)."""
+    in_modal = (image @ image.t() - text @ text.t()).square().mean()
+    cross = image @ text.t()
+    return lambda_in * in_modal + lambda_cross * (cross - cross.t()).square().mean()
+
+
+def simclr_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """NT-Xent over 2N anchors (TBPS-CLIP ``compute_simclr_loss``): for each sample of view a the
+    positive is its view b; the candidates are every view-b embedding and every other view-a one;
+    symmetric, the two directions averaged. Embeddings are L2-normalised [N, D]."""
+    labels = torch.arange(len(view_a), device=view_a.device)
+    own = torch.eye(len(view_a), dtype=torch.bool, device=view_a.device)
+    losses = []
+    for q, k in ((view_a, view_b), (view_b, view_a)):
+        same_view = (q @ q.t() / temperature).masked_fill(own, float("-inf"))
+        losses.append(F.cross_entropy(torch.cat([q @ k.t() / temperature, same_view], dim=1), labels))
+    return (losses[0] + losses[1]) / 2

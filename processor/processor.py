@@ -75,9 +75,11 @@ class EpochTrainer:
     with a non-finite loss skipped (the run stops after ``max_nonfinite_steps`` in a row)."""
 
     def __init__(self, model, optimizer, device, log_period: int, max_nonfinite_steps: int,
-                 amp: str = "off", accum_steps: int = 1):
+                 amp: str = "off", accum_steps: int = 1, step_scheduler=None):
         self.step = TrainStep(model, optimizer, device, amp, accum_steps, max_nonfinite_steps)
         self.model, self.log_period, self.accum_steps = model, log_period, accum_steps
+        self.step_scheduler = step_scheduler  # stepped after every optimizer step (lr_schedule_unit iteration)
+        self.heads = getattr(model, "module", model).heads
 
     def run(self, loader, epoch: int) -> dict[str, float]:
         """Returns the epoch average of every value the heads report, plus replacement and skip counts."""
@@ -90,7 +92,11 @@ class EpochTrainer:
         for step, batch in enumerate(progress, start=1):
             replaced += int(batch.pop("replaced").sum())
             update = step % self.accum_steps == 0 or step == len(loader)
+            for head in self.heads.values():
+                head.on_step(epoch, step - 1, len(loader))
             outcome = self.step(batch, update, where=f"epoch {epoch} step {step}")
+            if update and self.step_scheduler is not None:  # a skipped step still advances the schedule
+                self.step_scheduler.step()
             if not outcome.finite:
                 nonfinite += 1
                 continue
@@ -166,8 +172,9 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
     main = is_main_process()
     bare = getattr(model, "module", model)  # the model without its DDP wrapper
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch) if main else None
+    per_step = cfg.lr_schedule_unit == "iteration"
     trainer = EpochTrainer(model, optimizer, device, cfg.log_period, cfg.max_nonfinite_steps, cfg.amp,
-                           cfg.accum_steps)
+                           cfg.accum_steps, scheduler if per_step else None)
     if scaler_state:
         trainer.step.scaler.load_state_dict(scaler_state)
     select = parse_select_metric(cfg.select_metric)
@@ -199,7 +206,8 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
                 writer.close()
             raise
         lr = scheduler.get_last_lr()[0]
-        scheduler.step()
+        if not per_step:
+            scheduler.step()
         if main:
             for key, value in stats.items():
                 writer.add_scalar(f"train/{key}", value, epoch)

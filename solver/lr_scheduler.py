@@ -1,4 +1,5 @@
-"""Per-epoch learning-rate schedule with warmup (IRRA's LRSchedulerWithWarmup)."""
+"""Learning-rate schedule with warmup, per epoch (IRRA's LRSchedulerWithWarmup) or per optimizer
+step (TBPS-CLIP's ``cosine_scheduler``)."""
 from __future__ import annotations
 
 import math
@@ -9,21 +10,26 @@ from torch.optim.lr_scheduler import LRScheduler
 
 
 class WarmupScheduler(LRScheduler):
-    """Stepped once per epoch, after the epoch; ``last_epoch`` k = epoch - 1.
+    """Stepped once per epoch, after the epoch (``steps_per_epoch`` 1; ``last_epoch`` k = epoch - 1), or
+    after every optimizer step (``steps_per_epoch`` S; k = the steps done). W = warmup_epochs x S,
+    T = total_epochs x S.
 
-    Warmup (k < warmup_epochs): factor = w + (1 - w) k / warmup_epochs ('linear') or w ('constant').
-    Then 'cosine': target + (base - target)(1 + cos(pi (k - warmup) / (total - warmup))) / 2,
-    or 'step' (multistep): base * gamma^(number of milestones <= k).
+    Warmup (k < W): factor = w + (1 - w) k / W per epoch, as IRRA, or w + (1 - w) k / (W - 1) per
+    step, TBPS-CLIP's linspace from w x base to base with both ends included ('linear'); w
+    ('constant'). Then 'cosine': target + (base - target)(1 + cos(pi (k - W) / (T - W))) / 2, or 'step'
+    (multistep, milestones in epochs): base * gamma^(number of milestones <= k / S).
     """
 
     def __init__(self, optimizer: Optimizer, mode: str = "cosine", total_epochs: int = 60,
                  warmup_epochs: int = 5, warmup_factor: float = 0.1, warmup_method: str = "linear",
                  milestones: tuple[int, ...] = (20, 50), gamma: float = 0.1, target_lr: float = 0.0,
-                 last_epoch: int = -1):
+                 last_epoch: int = -1, steps_per_epoch: int = 1):
         if list(milestones) != sorted(milestones):
             raise ValueError(f"milestones must increase, got {milestones}")
-        self.mode, self.total_epochs = mode, total_epochs
-        self.warmup_epochs, self.warmup_factor, self.warmup_method = warmup_epochs, warmup_factor, warmup_method
+        self.mode, self.steps_per_epoch = mode, steps_per_epoch
+        self.total_steps = total_epochs * steps_per_epoch
+        self.warmup_steps, self.warmup_factor, self.warmup_method = warmup_epochs * steps_per_epoch, warmup_factor, \
+            warmup_method
         self.milestones, self.gamma = list(milestones), gamma
         self.target_lr = target_lr
         super().__init__(optimizer, last_epoch)
@@ -31,15 +37,16 @@ class WarmupScheduler(LRScheduler):
     def _warmup(self, k: int) -> float:
         if self.warmup_method == "constant":
             return self.warmup_factor
-        alpha = k / self.warmup_epochs
+        span = self.warmup_steps if self.steps_per_epoch == 1 else self.warmup_steps - 1
+        alpha = k / max(1, span)
         return self.warmup_factor * (1 - alpha) + alpha
 
     def lr_at(self, base_lr: float, k: int) -> float:
-        if k < self.warmup_epochs:
+        if k < self.warmup_steps:
             return base_lr * self._warmup(k)
         if self.mode == "step":
-            return base_lr * self.gamma ** bisect_right(self.milestones, k)
-        progress = (k - self.warmup_epochs) / max(1, self.total_epochs - self.warmup_epochs)
+            return base_lr * self.gamma ** bisect_right(self.milestones, k // self.steps_per_epoch)
+        progress = (k - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return self.target_lr + (base_lr - self.target_lr) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def get_lr(self) -> list[float]:

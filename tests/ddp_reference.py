@@ -30,7 +30,9 @@ def fixed_batch(size: int = 8) -> dict[str, torch.Tensor]:
     return {"images": torch.randn(size, 3, 32, 16, generator=gen), "caption_ids": ids,
             "pids": torch.tensor([0, 1, 0, 2, 3, 1, 4, 5][:size]), "image_ids": torch.arange(size),
             "eda_caption_ids": ids.roll(1, dims=0), "aptm_mlm_ids": masked, "aptm_mlm_labels": labels,
-            "index": torch.arange(size), "is_clean": torch.ones(size, dtype=torch.bool)}
+            "index": torch.arange(size), "is_clean": torch.ones(size, dtype=torch.bool),
+            "images_view2": torch.randn(size, 3, 32, 16, generator=gen),
+            "images_ss": torch.randn(size, 2, 3, 32, 16, generator=gen)}
 
 
 def fixed_patch_order(model) -> None:

@@ -32,7 +32,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
     ("sew+id", ("sew_loss",)),
     # RDE: TAL on the gathered batch for both embeddings (BGE and TSE)
     ("tal+tse", ("tal_loss", "tse_loss")),
-], ids=["irra-uit", "aptm", "lgur", "sew", "rde"])
+    # TBPS-CLIP: every loss on the gathered batch (text dropout 0: the soft pass is the first pass)
+    ("nitc+mvsi+ritc+citc+ssi", ("nitc_loss", "mvsi_loss", "ritc_loss", "citc_loss", "ssi_loss")),
+], ids=["irra-uit", "aptm", "lgur", "sew", "rde", "tbps-clip"])
 def test_two_processes_equal_one_on_the_global_batch(tmp_path, loss_names, global_losses):
     out = tmp_path / "ddp.pt"
     proc = subprocess.run([*TORCHRUN, str(REPO / "tests/ddp_worker.py"), str(out), loss_names], cwd=REPO, env=ENV,

@@ -233,7 +233,8 @@ def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str]]:
                                 "lacks key(s) file_path"),
         "unknown loss name": (["--loss_names", "sdm+idd"],
                               "error: unknown loss name 'idd' in loss_names 'sdm+idd'; known: aptm_fusion, aptm_itc, aptm_mlm, "
-                              "ccd, cmpm, cmt, id, itc, itm, lgur, mcm, mlm, sdm, sew, tal, tir, trl, tse"),
+                              "ccd, citc, cmpm, cmt, id, itc, itm, lgur, logit_scale, mcm, mlm, mvsi, nitc, ritc, sdm, sew, ssi, tal, "
+                              "tir, trl, tse"),
         "unknown dataset": (["--dataset_name", "Market-1501"],
                             "error: unknown dataset_name 'Market-1501'; known: CUHK-PEDES, ICFG-PEDES, RSTPReid, UFine6926"),
         "unknown config key": (["--config_file", f"{root}/bad.yaml"],

@@ -65,7 +65,8 @@ def test_a_failed_resume_changes_nothing(finished_run, toy_root, tmp_path, capsy
         (run / name).write_bytes((finished_run / name).read_bytes())
     before = _hashes(run)
     line = _refused(_args(toy_root, run, "--num_epoch", "2", "--resume", "--vision_width", "128"), capsys)
-    assert "last.pth" in line
+    assert f"cannot resume from {run / 'last.pth'}: its model does not match this config: wrong shape [" in line
+    assert "encoder.visual.class_embedding (64,) vs (128,)" in line
     assert _hashes(run) == before  # configs.yaml not rewritten with vision_width 128
     (run / "last.pth").write_bytes((run / "last.pth").read_bytes()[:1000])  # cut short
     before = _hashes(run)
@@ -114,6 +115,28 @@ def test_a_failed_run_writes_its_error_into_the_log(toy_root, tmp_path, monkeypa
     run = tmp_path / "diverged"
     line = _refused(_args(toy_root, run, "--num_epoch", "1", "--max_nonfinite_steps", "2"), capsys)
     assert line in (run / "train_log.txt").read_text()
+
+
+def test_a_signal_during_a_checkpoint_write_waits_for_the_file(tmp_path):
+    import signal
+
+    from utils.errors import sigterm_as_interrupt
+    from utils.iotools import save_checkpoint
+    state = {"weights": torch.arange(1000.0)}
+
+    def write_while_signalled(obj, f):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives in the middle of the write
+        real_save(obj, f)
+
+    real_save = torch.save
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        torch.save = write_while_signalled
+        try:
+            save_checkpoint(state, tmp_path / "last.pth")
+        finally:
+            torch.save = real_save
+    assert torch.equal(torch.load(tmp_path / "last.pth")["weights"], state["weights"])  # complete
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pth"]  # no temporary file left
 
 
 def test_an_interruption_says_how_to_continue(toy_root, tmp_path, monkeypatch, capsys):

@@ -57,6 +57,19 @@ def save_training_state(path: Path, model, optimizer, scheduler, epoch: int, bes
                      "best": best, "rng": rng_states, "heads": head_states or {}}, path)
 
 
+def state_mismatch(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """'' when ``state`` fits ``model`` exactly, else the missing, unexpected and mis-shaped keys
+    (the first few of each, with both shapes) in one line."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in sorted(set(own) & set(state))
+              if own[k].shape != state[k].shape]
+    parts = [f"{label} {items[:3]}" + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if items]
+    return "; ".join(parts)
+
+
 def load_training_state(path: Path, model, optimizer, scheduler,
                         generator: torch.Generator) -> tuple[int, dict, dict]:
     """Restore a ``last.pth`` (the heads' per-epoch state too); returns (last completed epoch, best
@@ -66,11 +79,16 @@ def load_training_state(path: Path, model, optimizer, scheduler,
                           f"--resume_ckpt_file PATH)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
+        mismatch = state_mismatch(model, state["model"])
+        if mismatch:
+            raise ResumeError(f"cannot resume from {path}: its model does not match this config: {mismatch}")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         for name, head_state in state.get("heads", {}).items():
             model.heads[name].load_training_state(head_state)
+    except ResumeError:
+        raise
     except Exception as err:  # unpickling and state-dict mismatches come in many types
         raise ResumeError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
     if len(state["rng"]) == get_world_size():

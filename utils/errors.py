@@ -38,6 +38,26 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Within the block Ctrl-C and SIGTERM wait: a file being written is finished first, then the
+    interruption is raised (as KeyboardInterrupt). Without this a signal inside ``torch.save``
+    breaks its zip writer with a RuntimeError instead of a clean stop."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        raise KeyboardInterrupt
+
+
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run an entry point; a user mistake prints ``error: <one line>`` to stderr and returns 1."""
     try:

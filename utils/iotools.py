@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import interrupts_deferred
+
 
 FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
 
@@ -87,7 +89,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, fsync, then rename over ``path``."""
+    """Write through a temporary file in the same folder, fsync, then rename over ``path``; an
+    interruption (Ctrl-C, SIGTERM) during the write takes effect once the file is complete."""
+    with interrupts_deferred():
+        _write_and_rename(path, write)
+
+
+def _write_and_rename(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)

@@ -76,6 +76,9 @@ CORE = (
     S("text_width", 512, "text Transformer width (from scratch)", low=1),
     S("text_layers", 12, "text Transformer blocks (from scratch)", low=1),
     S("loss_names", "sdm+id+mlm", "training heads joined by '+' (see the README's heads table)"),
+    S("text_attn_dropout", 0.0, "dropout on the text blocks' attention probabilities in training (TBPS-CLIP: "
+      "0.05)", **PROBABILITY),
+    S("freeze_patch_embed", False, "never train the ViT patch embedding visual.conv1 (TBPS-CLIP)"),
     # evaluation
     S("rerank_k", 128, "first-stage candidates per query that a re-ranking head re-scores", low=1),
     # data
@@ -90,6 +93,7 @@ CORE = (
     S("test_batch_size", 512, "evaluation batch (images, captions, or re-ranked pairs)", low=1),
     S("num_workers", 8, "data loader worker processes", low=0),
     S("img_aug", False, "pad + random crop + random erasing on training images"),
+    S("drop_last", False, "leave out the last incomplete training batch (random and distributed samplers)"),
     S("image_cache", False, "decode + resize images once into a memory-mapped uint8 file per split"),
     S("cache_dir", "", "where the image cache lives (default <root_dir>/<dataset>/.cache)"),
     S("erase_value", "zero", "RandomErasing fill: 'zero' or 'clip_mean' (IRRA: mean after Normalize)",
@@ -113,6 +117,11 @@ CORE = (
     S("warmup_epochs", 5, "warm-up epochs", low=0),
     S("warmup_method", "linear", "warm-up shape", choices=("linear", "constant")),
     S("target_lr", 0.0, "final lr of the cosine schedule", low=0.0),
+    S("lr_schedule_unit", "epoch", "epoch: the lr changes after each epoch (IRRA); iteration: after every "
+      "optimizer step, warm-up over warmup_epochs x steps from warmup_factor x lr to lr, both ends included "
+      "(TBPS-CLIP)", choices=("epoch", "iteration")),
+    S("no_decay_1d", False, "every parameter with fewer than 2 dimensions (LayerNorm weights, class "
+      "embedding, logit scale, biases) gets weight_decay_bias and lr x bias_lr_factor (TBPS-CLIP)"),
 )
 declare("core", CORE)
 

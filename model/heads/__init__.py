@@ -1,5 +1,6 @@
 """Training heads; importing this package registers every head."""
-from . import aptm, aptm_fusion, cmt, contrastive, identity, lgur, mlm, rde, scmm, tir  # noqa: F401  (registration)
+from . import (aptm, aptm_fusion, citc, cmt, contrastive, identity, lgur, mlm, mvsi, nitc, rde, ritc, scmm,  # noqa: F401
+               ssi, tbps_common, tir)  # (registration)
 from .base import GLOBAL, Batch, EncoderOutput, EpochContext, Head, ParamRule, RerankStats
 from .registry import HEADS, parse_loss_names, register_head, unregister_head, with_required
 

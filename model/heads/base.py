@@ -15,7 +15,8 @@ A head lives in one file and declares everything the framework needs from it:
   from the same evaluation pass; ``rerank_k`` > 0 with ``rerank_cache_*``, ``rerank_score`` and
   ``rerank_combine`` re-scores each query's first-stage top k;
 - optionally, ``before_epoch(context)``: a pass over the training set before each epoch, keeping
-  per-sample state (``training_state`` / ``load_training_state`` put it in ``last.pth``).
+  per-sample state (``training_state`` / ``load_training_state`` put it in ``last.pth``);
+  ``on_step(epoch, step, steps_per_epoch)`` before every training step (a schedule of its own).
 """
 from __future__ import annotations
 
@@ -53,6 +54,7 @@ class EncoderOutput:
     image: ImageOutput
     text: TextOutput
     texts: dict[str, TextOutput] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # per-step values heads share (e.g. an extra pass)
 
 
 class EpochContext(Protocol):
@@ -155,6 +157,10 @@ class Head(nn.Module):
     def before_epoch(self, context: EpochContext) -> dict[str, float] | None:
         """Called before every training epoch (after resume too); may keep per-sample state and
         return scalars to log for the epoch (TensorBoard ``train/<key>``)."""
+
+    def on_step(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Called before every training step (``step`` 0-based within the epoch); it depends on these
+        numbers only, so a resumed run calls it with the same values."""
 
     def training_state(self) -> dict[str, Any]:
         """State kept across epochs besides parameters and buffers (saved in ``last.pth``)."""
