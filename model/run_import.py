@@ -1,4 +1,4 @@
-"""Runs trained with IRRA's, SEN's or RDE's code, turned into runs of ours.
+"""Runs trained with IRRA's, SEN's, RDE's or TBPS-CLIP's code, turned into runs of ours.
 
 A run directory of those codebases holds ``configs.yaml`` (``yaml.dump(vars(args))``) and
 ``best.pth`` (``{"model": state_dict, "optimizer", "scheduler", ...}``, IRRA's Checkpointer, fp16
@@ -9,7 +9,10 @@ not have (SEN's ``fuse`` head) and modules that the code builds but never uses (
 other tensor, or a shape that does not fit, stops the import with its name.
 
 Key maps: IRRA anosorae/IRRA @ cfc2378 (model/build.py), SEN Delong-liu-bupt/SEN (model/build.py),
-RDE QinYang79/RDE @ b3fd396 (model/build.py, model/CrossEmbeddingLayer_tse.py).
+RDE QinYang79/RDE @ b3fd396 (model/build.py, model/CrossEmbeddingLayer_tse.py), TBPS-CLIP
+Flame-Chasers/TBPS-CLIP @ ba090bc (model/tbps_model.py; its ``checkpoint_best.pth`` holds
+``{"model": ...}`` and no run config: ours comes from configs/tbps_clip/, full or simplified by
+whether the SimCLR MLP is there).
 """
 from __future__ import annotations
 
@@ -28,7 +31,8 @@ from utils.options import build_parser, resolve
 from .build import build_model
 from .clip_loading import CheckpointError, infer_config, load_strict
 
-SOURCES = ("irra", "sen", "rde")
+SOURCES = ("irra", "sen", "rde", "tbps")
+TBPS_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tbps_clip"
 
 
 class RunImportError(UserError):
@@ -80,6 +84,14 @@ FORMATS = {
         {"visul_emb_layer.linear.": "built by RDE but never used", "visul_emb_layer.mlp.bns.1.":
          "built by RDE but never used", "texual_emb_layer.mlp.bns.1.": "built by RDE but never used"},
         {}, {"select_ratio": "tse_ratio"}, frozenset({"tau", "margin", "txt_aug", "noisy_file"})),
+    "tbps": SourceFormat(
+        ((r"visual\.(.+)", r"encoder.visual.\1"), (r"encode_text\.(.+)", r"encoder.\1"),
+         (r"logit_scale", "heads.logit_scale.theta"), (r"simclr_mlp\.0\.(weight|bias)", r"heads.ssi.mlp.fc1.\1"),
+         (r"simclr_mlp\.2\.(weight|bias)", r"heads.ssi.mlp.fc2.\1")),
+        {prefix: "TBPS-CLIP's MLM variant (off in its recipes, crashing when on) is not ported"
+         for prefix in ("cross_attn.", "cross_modal_transformer.", "ln_pre_t.", "ln_pre_i.", "ln_post.", "mlm_head.")}
+        | {"classifier.": "TBPS-CLIP's ID variant (off in its recipes, crashing when on) is not ported"},
+        {}),
 }
 # Options of theirs that describe their process, not the run.
 _NOT_CARRIED = {"local_rank", "output_dir", "resume", "resume_ckpt_file", "training", "distributed", "loss_names",
@@ -96,11 +108,14 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def import_run(source: str, src_dir: Path, out_dir: Path) -> tuple[SimpleNamespace, dict[str, torch.Tensor],
-                                                                    ImportReport]:
-    """(our config, our state dict, report) of the run in ``src_dir`` written by ``source``'s code."""
+def import_run(source: str, src_dir: Path, out_dir: Path, dataset_name: str = "CUHK-PEDES"
+               ) -> tuple[SimpleNamespace, dict[str, torch.Tensor], ImportReport]:
+    """(our config, our state dict, report) of the run in ``src_dir`` written by ``source``'s code
+    (``dataset_name``: for TBPS-CLIP, whose checkpoints do not say)."""
     if source not in FORMATS:
         raise RunImportError(f"unknown source '{source}'; known: {', '.join(SOURCES)}")
+    if source == "tbps":
+        return import_tbps_checkpoint(src_dir, out_dir, dataset_name)
     theirs = read_their_config(src_dir / "configs.yaml")
     state = read_their_weights(src_dir / "best.pth")
     fmt = FORMATS[source]
@@ -118,6 +133,35 @@ def import_run(source: str, src_dir: Path, out_dir: Path) -> tuple[SimpleNamespa
         cfg.tse_bn_frozen = bn is not None and int(bn) == 0  # RDE's published runs froze them (its issue #8)
         notes.append(f"tse_bn_frozen {cfg.tse_bn_frozen}: the TSE BatchNorms tracked {int(bn or 0)} batches")
     return cfg, model.state_dict(), ImportReport(source, loss_names, len(mapped), dropped, unused, notes)
+
+
+def import_tbps_checkpoint(src: Path, out_dir: Path, dataset_name: str
+                           ) -> tuple[SimpleNamespace, dict[str, torch.Tensor], ImportReport]:
+    """A TBPS-CLIP ``checkpoint_best.pth`` (or the folder holding it) as a run of our TBPS-CLIP config."""
+    path = src / "checkpoint_best.pth" if src.is_dir() else src
+    mapped, dropped = map_keys(read_their_weights(path), FORMATS["tbps"])
+    full = "heads.ssi.mlp.fc1.weight" in mapped
+    recipe = TBPS_CONFIGS / ("base.yaml" if full else "simplified.yaml")
+    cfg = resolve(build_parser("").parse_args(["--config_file", str(recipe), "--dataset_name", dataset_name]))
+    cfg.name, cfg.output_dir, cfg.num_classes = f"{cfg.name}_imported", str(out_dir), 0
+    encoder = {k[len("encoder."):]: v for k, v in mapped.items() if k.startswith("encoder.")}
+    try:
+        clip = infer_config(encoder, tuple(cfg.img_size), cfg.stride_size)
+    except CheckpointError as err:
+        raise RunImportError(f"tbps checkpoint {path}: {err}") from None
+    cfg.clip, cfg.text_length, cfg.vocab_size = clip.to_dict(), clip.context_length, clip.vocab_size
+    if full:
+        cfg.ssi_hidden = int(mapped["heads.ssi.mlp.fc1.weight"].shape[0])
+    if "heads.logit_scale.theta" not in mapped:
+        raise RunImportError(f"{path} holds no logit_scale: not a TBPS-CLIP checkpoint")
+    model = build_model(cfg, 0, load_weights=False)
+    try:
+        load_strict(model, mapped, path)
+    except CheckpointError as err:
+        raise RunImportError(f"tbps checkpoint {path}: {err}") from None
+    notes = [f"{'full' if full else 'simplified'} recipe ({recipe.name}: the SimCLR MLP is "
+             f"{'there' if full else 'absent'}); logit scale {float(mapped['heads.logit_scale.theta'].exp()):.2f}"]
+    return cfg, model.state_dict(), ImportReport("tbps", cfg.loss_names, len(mapped), dropped, [], notes)
 
 
 def read_their_config(path: Path) -> dict:
@@ -154,7 +198,7 @@ def map_keys(state: dict[str, torch.Tensor], fmt: SourceFormat) -> tuple[dict[st
     dropped: dict[str, str] = {}
     for key, value in state.items():
         reason = next((why for prefix, why in fmt.dropped.items() if key.startswith(prefix)), None)
-        if key in ("base_model.logit_scale", "logit_scale"):
+        if key in ("base_model.logit_scale", "logit_scale") and not any(re.fullmatch(p, key) for p, _ in fmt.rules):
             reason = "the logit scale is a setting here (temperature)"
         if reason is not None:
             dropped[key] = reason

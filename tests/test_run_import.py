@@ -159,3 +159,52 @@ def test_what_does_not_fit_is_named(tmp_path):
     (other / "configs.yaml").write_text("loss_names: sdm+xyz\n")
     with pytest.raises(RunImportError, match="irra loss 'xyz' .* is unknown to the importer"):
         import_run("irra", other, tmp_path / "out")
+
+
+def _tbps_checkpoint(path: Path, ssi: bool) -> dict[str, torch.Tensor]:
+    """A checkpoint_best.pth in TBPS-CLIP's key names (model/tbps_model.py @ ba090bc): its towers keep
+    OpenAI's names under ``visual.`` and ``encode_text.``, then ``logit_scale`` and the SimCLR MLP."""
+    state = {}
+    for key, value in openai_state_dict(embed_dim=32).items():
+        state[key if key.startswith("visual.") or key == "logit_scale" else f"encode_text.{key}"] = value
+    state["logit_scale"] = torch.tensor(4.3)
+    if ssi:
+        generator = torch.Generator().manual_seed(3)
+        state.update({"simclr_mlp.0.weight": torch.randn(128, 32, generator=generator),
+                      "simclr_mlp.0.bias": torch.randn(128, generator=generator),
+                      "simclr_mlp.2.weight": torch.randn(32, 128, generator=generator),
+                      "simclr_mlp.2.bias": torch.randn(32, generator=generator),
+                      "classifier.weight": torch.randn(5, 32, generator=generator)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "optimizer": {}}, path)
+    return state
+
+
+@pytest.mark.parametrize("ssi", [True, False], ids=["full", "simplified"])
+def test_tbps_clip_checkpoints_import_and_evaluate(toy_root, tmp_path, ssi):
+    theirs = _tbps_checkpoint(tmp_path / "tbps" / "checkpoint_best.pth", ssi)
+    run = import_main(["--from", "tbps", str(tmp_path / "tbps"), "--dataset_name", "CUHK-PEDES",
+                       "--output_dir", str(tmp_path / "ours")])
+    ours = torch.load(run / "best.pth", weights_only=True)["model"]
+    assert torch.equal(ours["encoder.visual.conv1.weight"], theirs["visual.conv1.weight"])
+    assert torch.equal(ours["encoder.transformer.resblocks.0.attn.in_proj_weight"],
+                       theirs["encode_text.transformer.resblocks.0.attn.in_proj_weight"])
+    assert ours["heads.logit_scale.theta"].item() == pytest.approx(4.3)
+    report = json.loads((run / "import.json").read_text())
+    if ssi:
+        assert report["loss_names"] == "nitc+mvsi+ritc+citc+ssi"
+        assert torch.equal(ours["heads.ssi.mlp.fc2.weight"], theirs["simclr_mlp.2.weight"])
+        assert list(report["left_out"]) == ["classifier.weight"]
+    else:
+        assert report["loss_names"] == "nitc+ritc" and report["left_out"] == {}
+    results = test_entry.main(["--config_file", str(run / "configs.yaml"), "--root_dir", str(toy_root),
+                               "--num_workers", "0", "--annotation_format", "raw"])  # toy: the raw layout
+    assert results["epoch"] == 0 and 0 <= results["t2i"]["R1"] <= 100  # evaluated at 224 x 224, ImageNet stats
+
+
+def test_a_tbps_checkpoint_without_its_scale_is_refused(tmp_path):
+    theirs = _tbps_checkpoint(tmp_path / "c.pth", ssi=False)
+    del theirs["logit_scale"]
+    torch.save({"model": theirs}, tmp_path / "c.pth")
+    with pytest.raises(RunImportError, match="holds no logit_scale: not a TBPS-CLIP checkpoint"):
+        import_run("tbps", tmp_path / "c.pth", tmp_path / "out")

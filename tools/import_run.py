@@ -1,10 +1,12 @@
-"""Import a run trained with IRRA's, SEN's or RDE's code as a run of ours.
+"""Import a run trained with IRRA's, SEN's, RDE's or TBPS-CLIP's code as a run of ours.
 
     python tools/import_run.py --from irra SRC_RUN_DIR --output_dir RUN
+    python tools/import_run.py --from tbps checkpoint_best.pth --dataset_name RSTPReid --output_dir RUN
     python test.py --config_file RUN/configs.yaml [--root_dir DATA]       # evaluate it
     python train.py --config_file RUN/configs.yaml --init_from RUN --output_dir RUN2   # fine-tune it
 
-SRC_RUN_DIR is the directory that code wrote (its configs.yaml and best.pth). Every tensor is
+SRC_RUN_DIR is the directory that code wrote (its configs.yaml and best.pth); for TBPS-CLIP, which
+keeps no run config, its checkpoint file (our configs/tbps_clip/ recipe fills the rest). Every tensor is
 mapped by name onto our encoder and heads; what is left out (modules we do not have, modules the
 code builds but never uses) is listed; anything else stops the import with its name.
 """
@@ -27,10 +29,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES, help="the code that wrote the run")
     parser.add_argument("src", type=Path, help="that code's run directory (configs.yaml, best.pth)")
     parser.add_argument("--output_dir", required=True, type=Path, help="our run directory to write")
+    parser.add_argument("--dataset_name", default="CUHK-PEDES", help="tbps only: the dataset it was trained on")
     args = parser.parse_args(argv)
     if (args.output_dir / "best.pth").exists():
         raise UserError(f"{args.output_dir} already holds a run (best.pth); choose another --output_dir")
-    cfg, state, report = import_run(args.source, args.src, args.output_dir)
+    cfg, state, report = import_run(args.source, args.src, args.output_dir, args.dataset_name)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.output_dir / "configs.yaml")
     resolve(build_parser("").parse_args(["--config_file", str(args.output_dir / "configs.yaml")]))  # validates
