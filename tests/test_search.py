@@ -370,3 +370,19 @@ def test_benchmark_reports_search_latency_and_indexing_throughput(toy_root):
     assert result["search_gallery_rows"] == 5000 and result["search_index_images_per_second"] > 0
     assert 0 < result["search_query_ms_p50"] <= result["search_query_ms_p90"]
     assert set(result["search_query_ms_p50_by_stage"]) == {"tokenize", "encode", "score_top_k", "rerank"}
+
+
+def test_a_run_trained_with_tbps_cleaning_cleans_its_queries():
+    """A run whose test captions went through TBPS-CLIP's pre_caption is searched with the same
+    cleaning: the query's ids equal those of its cleaned text."""
+    from types import SimpleNamespace
+    tokenizer = SimpleTokenizer()
+    searcher = SimpleNamespace(tokenizer=tokenizer, text_length=32,
+                               run=SimpleNamespace(cfg=SimpleNamespace(caption_clean="tbps", caption_max_words=77)))
+    ids = Searcher.token_ids(searcher, "A man in a red shirt (and) jeans.")
+    assert torch.equal(ids, tokenize("a man in a red shirt and jeans", tokenizer, 32))
+    searcher.run.cfg.caption_clean = "none"
+    assert 269 in Searcher.token_ids(searcher, "A man in a red shirt.").tolist()  # "." kept without cleaning
+    with pytest.raises(QueryError, match="empty query"):
+        Searcher.token_ids(SimpleNamespace(**{**vars(searcher), "run": SimpleNamespace(
+            cfg=SimpleNamespace(caption_clean="tbps", caption_max_words=77))}), " ... ")
