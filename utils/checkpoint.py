@@ -90,7 +90,8 @@ def load_training_state(path: Path, model, optimizer, scheduler,
     except ResumeError:
         raise
     except Exception as err:  # unpickling and state-dict mismatches come in many types
-        raise ResumeError(f"cannot resume from {path}: {str(err).splitlines()[0]}") from None
+        first = str(err).splitlines()[0].split(". ")[0]  # torch's advice after the first sentence is noise here
+        raise ResumeError(f"cannot resume from {path}: {first} (a damaged or incomplete file?)") from None
     if len(state["rng"]) == get_world_size():
         set_rng_state(state["rng"][get_rank()], generator)
     else:  # a different number of processes: the weights continue, the random streams restart
