@@ -11,6 +11,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from datasets.batch_mix import BatchMix
 from utils.checkpoint import gather_rng_states, save_training_state
 from utils.comm import all_gather_rows, all_reduce_sum, barrier, get_world_size, is_main_process
 from utils.errors import ConfigError
@@ -75,22 +76,25 @@ class EpochTrainer:
     with a non-finite loss skipped (the run stops after ``max_nonfinite_steps`` in a row)."""
 
     def __init__(self, model, optimizer, device, log_period: int, max_nonfinite_steps: int,
-                 amp: str = "off", accum_steps: int = 1, step_scheduler=None):
+                 amp: str = "off", accum_steps: int = 1, step_scheduler=None, mix: BatchMix | None = None):
         self.step = TrainStep(model, optimizer, device, amp, accum_steps, max_nonfinite_steps)
         self.model, self.log_period, self.accum_steps = model, log_period, accum_steps
         self.step_scheduler = step_scheduler  # stepped after every optimizer step (lr_schedule_unit iteration)
         self.heads = getattr(model, "module", model).heads
+        self.mix = mix  # MixGen / ConcatGen on the loaded batch (each process its own, as upstream)
 
     def run(self, loader, epoch: int) -> dict[str, float]:
         """Returns the epoch average of every value the heads report, plus replacement and skip counts."""
         self.model.train()
         meters: dict[str, AverageMeter] = defaultdict(AverageMeter)
-        replaced = nonfinite = 0
+        replaced = nonfinite = mixed = 0
         progress = tqdm(loader, desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                         disable=not is_main_process())
         self.step.optimizer.zero_grad(set_to_none=True)
         for step, batch in enumerate(progress, start=1):
             replaced += int(batch.pop("replaced").sum())
+            if self.mix is not None:
+                mixed += self.mix(batch)
             update = step % self.accum_steps == 0 or step == len(loader)
             for head in self.heads.values():
                 head.on_step(epoch, step - 1, len(loader))
@@ -113,6 +117,8 @@ class EpochTrainer:
             logger.warning("epoch %d: replaced %d samples whose image could not be read", epoch, replaced)
         stats = {k: m.avg for k, m in meters.items()}
         stats.update(replaced_samples=replaced, nonfinite_steps=nonfinite)
+        if self.mix is not None:
+            stats["mixed_batches"] = mixed
         return stats
 
 
@@ -174,7 +180,8 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch) if main else None
     per_step = cfg.lr_schedule_unit == "iteration"
     trainer = EpochTrainer(model, optimizer, device, cfg.log_period, cfg.max_nonfinite_steps, cfg.amp,
-                           cfg.accum_steps, scheduler if per_step else None)
+                           cfg.accum_steps, scheduler if per_step else None,
+                           BatchMix.from_config(cfg) if cfg.mixgen != "off" else None)
     if scaler_state:
         trainer.step.scaler.load_state_dict(scaler_state)
     select = parse_select_metric(cfg.select_metric)

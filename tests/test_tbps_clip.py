@@ -334,3 +334,40 @@ def test_tbps_configs_hold_the_recipes():
         ["--config_file", str(REPO / "configs/tbps_clip/rstpreid_simplified.yaml")]))
     assert (simplified.loss_names, simplified.nitc_loss_weight, simplified.seed) == ("nitc+ritc", 1.0, 0)
     assert simplified.dataset_name == "RSTPReid" and simplified.back_translation_prob == 0.1
+
+
+# ---------------------------------------------------------------- MixGen / ConcatGen (off in both recipes)
+def test_mixgen_and_concatgen_pair_the_first_samples(tokenizer):
+    from datasets.batch_mix import BatchMix, join_captions
+    from utils.simple_tokenizer import tokenize
+    captions = [f"a person number {i} in red" for i in range(10)]
+    ids = torch.stack([tokenize(c, tokenizer, 32) for c in captions])
+    images = torch.randn(10, 3, 8, 6)
+    batch = {"images": images.clone(), "caption_ids": ids.clone(), "pids": torch.arange(10)}
+    assert BatchMix("mixgen", prob=1.0, ratio=0.2, lam=0.5)(batch)
+    for i in range(2):  # num = int(0.2 x 10) = 2: samples 0, 1 take partners 2, 3
+        assert torch.allclose(batch["images"][i], 0.5 * images[i] + 0.5 * images[i + 2])
+        assert torch.equal(batch["caption_ids"][i], tokenize(captions[i] + " " + captions[i + 2], tokenizer, 32))
+    assert torch.equal(batch["images"][2:], images[2:]) and torch.equal(batch["caption_ids"][2:], ids[2:])
+    assert torch.equal(batch["pids"], torch.arange(10))
+    batch = {"images": images.clone(), "caption_ids": ids.clone()}
+    BatchMix("concatgen", prob=1.0, ratio=0.1)(batch)
+    mixed = batch["images"][0]
+    assert mixed.shape == (3, 8, 6) and not torch.equal(mixed, images[0])
+    left = F.interpolate(images[0][None], size=(8, 3), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert torch.allclose(mixed[:, :, :3], left)  # no second normalisation (upstream's quirk)
+    long = tokenize(" ".join(["word"] * 20), tokenizer, 16)
+    joined = join_captions(long, long)
+    assert joined[-1] == tokenizer.eot_id and (joined != 0).all()  # cut to the length, EOT kept last
+    draws = BatchMix("mixgen", prob=0.1, ratio=0.1, rng=random.Random(0))  # a batch is mixed with p 0.1
+    assert sum(draws({"images": images.clone(), "caption_ids": ids.clone()}) for _ in range(5000)) == \
+        pytest.approx(500, abs=70)
+
+
+def test_mixgen_in_training(toy_root, tmp_path):
+    run = tmp_path / "run"
+    train_entry.main(["--config_file", str(REPO / "configs/demo.yaml"), *TINY, "--root_dir", str(toy_root),
+                      "--output_dir", str(run), "--num_epoch", "1", "--loss_names", "nitc+ritc", "--mixgen",
+                      "concatgen", "--mixgen_prob", "1.0", "--mixgen_ratio", "0.25"])
+    line = next(line for line in (run / "train_log.txt").read_text().splitlines() if "epoch 1 done" in line)
+    assert "mixed_batches: 4.0000" in line  # every one of the 4 batches

@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+import datasets.batch_mix  # noqa: F401  (declares the batch pair-augmentation settings)
 import datasets.captions  # noqa: F401  (declares the caption augmentation settings)
 import datasets.fields  # noqa: F401  (declares the batch-field settings)
 import datasets.noise  # noqa: F401  (declares the noise-injection settings)
