@@ -80,9 +80,11 @@ class ScaledHead(Head):
 
 def normalised_batch(batch: Batch, out: EncoderOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(u, v, Q): the global batch's L2-normalised image and text features (with gradients) and the
-    row-normalised same-identity targets."""
-    image, text, pids = global_batch(batch, out)
-    return F.normalize(image, dim=-1), F.normalize(text, dim=-1), identity_targets(pids)
+    row-normalised same-identity targets; gathered once per step for all of TBPS-CLIP's heads."""
+    if "normalised_batch" not in out.cache:
+        image, text, pids = global_batch(batch, out)
+        out.cache["normalised_batch"] = F.normalize(image, dim=-1), F.normalize(text, dim=-1), identity_targets(pids)
+    return out.cache["normalised_batch"]
 
 
 def soft_text(batch: Batch, out: EncoderOutput, encoder) -> torch.Tensor:
@@ -94,9 +96,9 @@ def soft_text(batch: Batch, out: EncoderOutput, encoder) -> torch.Tensor:
         if encoder.training and encoder.text_attn_dropout > 0:
             with torch.no_grad():
                 features = encoder.text_output(batch["caption_ids"]).global_feature
+            out.cache["soft_text"] = all_gather_no_grad(F.normalize(features, dim=-1))
         else:
-            features = out.text.global_feature.detach()
-        out.cache["soft_text"] = all_gather_no_grad(F.normalize(features, dim=-1))
+            out.cache["soft_text"] = normalised_batch(batch, out)[1].detach()
     return out.cache["soft_text"]
 
 
