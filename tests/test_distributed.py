@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,15 @@ from datasets.toy import generate_toy_dataset
 import train as train_entry
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+# torchrun leaves a torchelastic_* folder per launch in TMPDIR: keep them in one folder removed afterwards.
+TORCHRUN_TMP = tempfile.mkdtemp(prefix="torchrun-tests-")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": TORCHRUN_TMP}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_torchrun_tmp():
+    yield
+    shutil.rmtree(TORCHRUN_TMP, ignore_errors=True)
 
 
 @pytest.mark.parametrize("loss_names, global_losses", [
