@@ -215,8 +215,13 @@ class BaseDataset:
             records.extend((pid, image_id, path, caption) for caption in entry["captions"])
         pids = sorted({r[0] for r in records})
         if pids != list(range(len(pids))):
-            raise DatasetError(f"{self.name} train ids are not contiguous from "
-                               f"{int(self.one_based_train_ids)}")
+            first = int(self.one_based_train_ids)
+            present = set(pids)
+            culprit = (f"id {pids[0] + first} is below {first}" if pids[0] < 0 else
+                       f"id {next(i for i in range(len(pids)) if i not in present) + first} is absent")
+            raise DatasetError(f"{self.name} train ids must run from {first} without gaps (one ID-loss class "
+                               f"each): {len(pids)} distinct ids from {pids[0] + first} to {pids[-1] + first}, "
+                               f"{culprit}")
         return records
 
     def _eval_split(self, entries: list[dict]) -> EvalSplit:

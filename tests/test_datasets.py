@@ -238,7 +238,7 @@ def test_non_contiguous_train_ids(toy_benchmarks):
         if e["split"] == "train" and e["id"] == 1:
             e["id"] = 5  # train ids now {0, 2, 5}
     path.write_text(json.dumps(entries))
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match="3 distinct ids from 0 to 5, id 1 is absent"):
         build_dataset("ICFG-PEDES", toy_benchmarks.root)
 
 

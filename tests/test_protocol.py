@@ -133,14 +133,34 @@ def test_collect_results_gives_mean_and_std_over_seeds(seed_runs, capsys):
     for metric, cell in zip(("R1", "R5", "R10", "mAP", "mINP"), cells[3:]):
         values = [r[metric] for r in results[:3]]
         assert cell == f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}", metric
-    assert cells[:3] == ["demo_sdm", "CUHK-PEDES", "3"]
-    assert lines[3].startswith(f"| demo_sdm | CUHK-PEDES | 1 | {results[3]['R1']:.2f} |")  # another lr: its own row
+    # another lr: its own row; rows of one method are told apart by the config values that differ
+    assert cells[:3] == ["demo_sdm (lr=0.001)", "CUHK-PEDES", "3"]
+    assert lines[3].startswith(f"| demo_sdm (lr=0.002) | CUHK-PEDES | 1 | {results[3]['R1']:.2f} |")
     assert collect_main([str(p) for p in seed_runs[:3]] + ["--format", "csv", "--at", "last"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     last = [json.loads((run / "results.json").read_text())["last"]["t2i"]["mAP"] for run in seed_runs[:3]]
     assert len(rows) == 1 and rows[0]["n"] == "3" and rows[0]["seeds"] == "1 2 3"
     assert float(rows[0]["mAP_mean"]) == pytest.approx(statistics.mean(last), abs=1e-4)
     assert float(rows[0]["mAP_std"]) == pytest.approx(statistics.stdev(last), abs=1e-4)
+
+
+def test_collect_results_searches_folders_and_skips_unfinished_runs(seed_runs, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    for run in seed_runs[:3]:  # at two depths
+        copy = logs / ("nested" if run.name == "seed_3" else "") / run.name
+        copy.mkdir(parents=True)
+        for name in ("configs.yaml", "results.json"):
+            (copy / name).write_bytes((run / name).read_bytes())
+    (logs / "crashed").mkdir()
+    (logs / "crashed" / "configs.yaml").write_bytes((seed_runs[0] / "configs.yaml").read_bytes())
+    assert collect_main([str(logs)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[2].startswith("| demo_sdm | CUHK-PEDES | 3 |")
+    assert captured.err == f"skipped {logs / 'crashed'}: no results.json (still training, interrupted or failed)\n"
+    assert collect_main([str(logs / "crashed")]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: no finished run (with results.json) among the arguments"
+    assert collect_main([str(tmp_path / "absent")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'absent'} is not a directory\n"
 
 
 def test_seeds_script_runs_and_summarises(toy_root, tmp_path):
