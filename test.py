@@ -1,4 +1,4 @@
-"""Evaluate a trained run (``--config_file RUN_DIR/configs.yaml``, loads ``best.pth``) or, with
+"""Evaluate a trained run (``--config_file RUN_DIR/configs.yaml`` or ``RUN_DIR``, loads ``best.pth``) or, with
 ``--zero_shot``, the pretrained CLIP as is (``--pretrain_choice CKPT --output_dir OUT``).
 
 Writes ``test_results.json`` (never training's ``results.json``): every block's metrics, the split,
@@ -7,6 +7,7 @@ the checkpoint and its epoch, the queries left out for having no match and the s
 Works under ``torchrun`` too: every process encodes and ranks its share, rank 0 writes the files."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -31,6 +32,17 @@ from utils.simple_tokenizer import SimpleTokenizer, tokenize
 from utils.visualize import restoration_grid, retrieval_grid
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Evaluates and returns what ``test_results.json`` holds."""
     parser = build_parser(__doc__)
@@ -38,11 +50,13 @@ def main(argv: list[str] | None = None) -> dict:
                         help="evaluate the pretrained CLIP given by --pretrain_choice, without training")
     parser.add_argument("--save_features", action="store_true",
                         help="write query/gallery features and pids to OUTPUT/features.pt")
-    parser.add_argument("--visualize", type=int, metavar="N",
+    parser.add_argument("--visualize", type=count, metavar="N",
                         help="write OUTPUT/retrieval.png: N queries with their top-10 gallery images")
-    parser.add_argument("--visualize_tir", type=int, metavar="N",
+    parser.add_argument("--visualize_tir", type=count, metavar="N",
                         help="write OUTPUT/restoration.png: N test captions with the tir head's restoration")
     args = parser.parse_args(argv)
+    if getattr(args, "config_file", "") and Path(args.config_file).is_dir():  # a run directory
+        args.config_file = str(Path(args.config_file) / "configs.yaml")
     zero_shot = vars(args).pop("zero_shot", False)
     save_features = vars(args).pop("save_features", False)
     visualize = vars(args).pop("visualize", 0)

@@ -262,6 +262,20 @@ def test_test_py_names_a_config_that_is_not_a_run(finished_run, tmp_path, capsys
     assert "no best.pth beside" in capsys.readouterr().err
 
 
+def test_test_py_takes_a_run_directory_and_checks_its_counts(finished_run, tmp_path, capsys):
+    import test as test_entry
+    out = [("--output_dir", str(tmp_path / name)) for name in ("by_file", "by_dir")]
+    by_file = test_entry.main(["--config_file", str(finished_run / "configs.yaml"), *out[0]])
+    by_dir = test_entry.main(["--config_file", str(finished_run), *out[1]])
+    assert by_dir == by_file and by_dir["checkpoint"] == str(finished_run / "best.pth")
+    before = _hashes(finished_run)
+    for value, reason in (("0", "must be at least 1, got 0"), ("-2", "must be at least 1, got -2"),
+                          ("x", "expects a whole number, got 'x'")):
+        assert run_cli(test_entry.main, ["--config_file", str(finished_run), "--visualize", value]) == 1
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: argument --visualize: {reason}"
+    assert _hashes(finished_run) == before
+
+
 def test_unreadable_training_images_are_counted_before_training(broken_root, tmp_path, capsys):
     import json
     entries = json.loads((broken_root / "CUHK-PEDES" / "reid_raw.json").read_text())
