@@ -64,6 +64,9 @@ def check_run_directory(run_dir: Path, cfg) -> None:
     existing = run_files(run_dir)
     continuing = cfg.resume or cfg.resume_ckpt_file
     if existing and not continuing and not cfg.overwrite:
+        if "last.pth" not in existing:  # nothing to resume (interrupted before the first save, or imported)
+            raise ConfigError(f"{run_dir} already holds a run without last.pth to resume ({', '.join(existing[:4])}); "
+                              "start over with --overwrite, or choose another --output_dir")
         raise ConfigError(f"{run_dir} already holds a run ({', '.join(existing[:4])}); continue it with --resume, "
                           "or start over with --overwrite")
     parent = next(p for p in (run_dir, *run_dir.parents) if p.exists())
@@ -79,13 +82,13 @@ def saved_epoch(path: Path) -> int:
         return 0
 
 
-def continue_command(argv: list[str], run_dir: Path) -> str:
-    """The command that resumes this run."""
+def continue_command(argv: list[str], run_dir: Path, flag: str = "--resume") -> str:
+    """The command that resumes this run (``flag`` --resume) or starts it again (--overwrite)."""
     args = list(argv)
     if "--output_dir" not in args:
         args += ["--output_dir", str(run_dir)]
-    if "--resume" not in args:
-        args.append("--resume")
+    if flag not in args:
+        args.append(flag)
     return shlex.join(["python", "train.py", *args])
 
 
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     except KeyboardInterrupt:
         saved = saved_epoch(run_dir / "last.pth")
         where = f"last.pth holds epoch {saved}; continue with: {continue_command(argv, run_dir)}" \
-            if saved else "nothing was saved yet"
+            if saved else f"nothing was saved yet; start again with: {continue_command(argv, run_dir, '--overwrite')}"
         log_to_file(f"interrupted: {where}")
         raise Interrupted(f"interrupted in epoch {saved + 1}: {where}") from None
     except UserError as err:

@@ -197,52 +197,53 @@ def do_train(cfg, model, train_loader, evaluator: Evaluator, optimizer, schedule
             save_training_state(run_dir / "last.pth", bare, optimizer, scheduler, epoch, best, rng_states,
                                 trainer.step.scaler, head_states(bare))
 
-    for epoch in range(start_epoch, cfg.num_epoch + 1):
-        start = time.time()
-        if hasattr(train_loader.sampler, "set_epoch"):
-            train_loader.sampler.set_epoch(epoch)
-        context = TrainingSetPass(bare, train_loader, device, epoch, trainer.step.amp_dtype)
-        epoch_stats: dict[str, float] = {}
-        for head in bare.heads.values():
-            epoch_stats.update(head.before_epoch(context) or {})
-        try:
-            stats = {**epoch_stats, **trainer.run(train_loader, epoch)}
-        except TrainingDiverged:  # keep the weights of the last finite step for inspection
-            save_last(epoch - 1)
+    try:  # the TensorBoard file is closed however training ends (error, Ctrl-C)
+        for epoch in range(start_epoch, cfg.num_epoch + 1):
+            start = time.time()
+            if hasattr(train_loader.sampler, "set_epoch"):
+                train_loader.sampler.set_epoch(epoch)
+            context = TrainingSetPass(bare, train_loader, device, epoch, trainer.step.amp_dtype)
+            epoch_stats: dict[str, float] = {}
+            for head in bare.heads.values():
+                epoch_stats.update(head.before_epoch(context) or {})
+            try:
+                stats = {**epoch_stats, **trainer.run(train_loader, epoch)}
+            except TrainingDiverged:  # keep the weights of the last finite step for inspection
+                save_last(epoch - 1)
+                raise
+            lr = scheduler.get_last_lr()[0]
+            if not per_step:
+                scheduler.step()
             if main:
-                writer.close()
-            raise
-        lr = scheduler.get_last_lr()[0]
-        if not per_step:
-            scheduler.step()
+                for key, value in stats.items():
+                    writer.add_scalar(f"train/{key}", value, epoch)
+                writer.add_scalar("train/lr", lr, epoch)
+                writer.add_scalar("train/temperature", cfg.temperature, epoch)
+                logger.info("epoch %d done in %.1fs, lr %.2e, %s", epoch, time.time() - start, lr,
+                            ", ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
+            if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
+                latest = evaluator.eval(bare, device)  # every process: its share, the same numbers
+                results = latest.results
+                if is_better(results, best, select):
+                    best = {**results, "epoch": epoch}
+                if main:
+                    label = "test split, published protocol" if on_test else "val split"
+                    logger.info("selection evaluation (%s) at epoch %d:\n%s", label, epoch, results_table(results))
+                    for task, metrics in results.items():
+                        for key, value in metrics.items():
+                            writer.add_scalar(f"{'test' if on_test else 'val'}/{task}_{key}", value, epoch)
+                    if best["epoch"] == epoch:
+                        save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results,
+                                         "selection_split": cfg.val_dataset}, run_dir / "best.pth")
+                    if on_test:
+                        write_json(run_report(cfg, best, latest, best, {"epoch": epoch, **results}),
+                                   run_dir / "results.json")
+            save_last(epoch)
+            barrier()
+    finally:
         if main:
-            for key, value in stats.items():
-                writer.add_scalar(f"train/{key}", value, epoch)
-            writer.add_scalar("train/lr", lr, epoch)
-            writer.add_scalar("train/temperature", cfg.temperature, epoch)
-            logger.info("epoch %d done in %.1fs, lr %.2e, %s", epoch, time.time() - start, lr,
-                        ", ".join(f"{k}: {v:.4f}" for k, v in stats.items()))
-        if epoch % cfg.eval_period == 0 or epoch == cfg.num_epoch:
-            latest = evaluator.eval(bare, device)  # every process: its share, the same numbers
-            results = latest.results
-            if is_better(results, best, select):
-                best = {**results, "epoch": epoch}
-            if main:
-                label = "test split, published protocol" if on_test else "val split"
-                logger.info("selection evaluation (%s) at epoch %d:\n%s", label, epoch, results_table(results))
-                for task, metrics in results.items():
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"{'test' if on_test else 'val'}/{task}_{key}", value, epoch)
-                if best["epoch"] == epoch:
-                    save_checkpoint({"model": bare.state_dict(), "epoch": epoch, "results": results,
-                                     "selection_split": cfg.val_dataset}, run_dir / "best.pth")
-                if on_test:
-                    write_json(run_report(cfg, best, latest, best, {"epoch": epoch, **results}),
-                               run_dir / "results.json")
-        save_last(epoch)
-        barrier()
+            writer.close()
     if main:
-        writer.close()
         logger.info("selected %s %.3f (%s split) at epoch %d", cfg.select_metric, best[select[0]][select[1]],
                     cfg.val_dataset, best["epoch"])
     if on_test and latest is not None:

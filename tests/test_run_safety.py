@@ -153,6 +153,32 @@ def test_an_interruption_says_how_to_continue(toy_root, tmp_path, monkeypatch, c
     assert "resumed from" in (run / "train_log.txt").read_text()
 
 
+def test_an_interruption_before_the_first_save_says_how_to_start_again(toy_root, tmp_path, monkeypatch, capsys):
+    import shlex
+    import processor.processor as processor
+    from utils.errors import Interrupted
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+    run = tmp_path / "early"
+    args = _args(toy_root, run, "--num_epoch", "2", "--eval_period", "2")  # epoch 1: no evaluation, no best.pth
+    with monkeypatch.context() as patch:
+        patch.setattr(processor, "save_training_state", interrupt)
+        with pytest.raises(Interrupted) as info:
+            train_entry.main(args)
+    prefix = "interrupted in epoch 1: nothing was saved yet; start again with: "
+    assert str(info.value).startswith(prefix)
+    command = shlex.split(str(info.value)[len(prefix):])
+    assert command[:2] == ["python", "train.py"] and command[-1] == "--overwrite"
+    before = _hashes(run)
+    assert _refused(args, capsys) == (f"error: {run} already holds a run without last.pth to resume (configs.yaml, "
+                                      f"train_log.txt, {sorted(p.name for p in run.glob('events.*'))[0]}); start over "
+                                      "with --overwrite, or choose another --output_dir")
+    assert _hashes(run) == before
+    train_entry.main(command[2:])  # the command it gave
+    assert (run / "last.pth").is_file()
+
+
 CONFIG_CASES = {
     ("--lr", "-1"): "lr must be greater than 0, got -1.0",
     ("--lr", "0"): "lr must be greater than 0, got 0.0",
