@@ -202,6 +202,18 @@ class BaseDataset:
             paths.setdefault(image_id, path)
         return [paths[i] for i in range(len(paths))]
 
+    def train_id_problem(self, ids: list[int]) -> str | None:
+        """Why the annotation's training ids cannot be ID-loss classes as they are (None: they can):
+        they must run from 0 (1 where the dataset numbers from 1) without gaps."""
+        first = int(self.one_based_train_ids)
+        present = sorted(set(ids))
+        if present == list(range(first, first + len(present))):
+            return None
+        culprit = (f"id {present[0]} is below {first}" if present[0] < first else
+                   f"id {next(i for i in range(first, first + len(present)) if i not in set(present))} is absent")
+        return (f"train ids must run from {first} without gaps (one ID-loss class each): {len(present)} distinct "
+                f"ids from {present[0]} to {present[-1]}, {culprit}")
+
     def _train_records(self, entries: list[dict], renumber: bool = False) -> list[tuple[int, int, str, str]]:
         """One record per caption; pids are the annotation's (minus one where they start at 1), or
         with ``renumber`` 0, 1, ... in order of first appearance (TBPS-CLIP's rule)."""
@@ -213,15 +225,9 @@ class BaseDataset:
             pid = rank[int(entry["id"])] if renumber else int(entry["id"]) - int(self.one_based_train_ids)
             path = str(self.img_dir / entry[self.path_field])
             records.extend((pid, image_id, path, caption) for caption in entry["captions"])
-        pids = sorted({r[0] for r in records})
-        if pids != list(range(len(pids))):
-            first = int(self.one_based_train_ids)
-            present = set(pids)
-            culprit = (f"id {pids[0] + first} is below {first}" if pids[0] < 0 else
-                       f"id {next(i for i in range(len(pids)) if i not in present) + first} is absent")
-            raise DatasetError(f"{self.name} train ids must run from {first} without gaps (one ID-loss class "
-                               f"each): {len(pids)} distinct ids from {pids[0] + first} to {pids[-1] + first}, "
-                               f"{culprit}")
+        problem = None if renumber else self.train_id_problem([int(e["id"]) for e in entries])
+        if problem:
+            raise DatasetError(f"{self.name} {problem}")
         return records
 
     def _eval_split(self, entries: list[dict]) -> EvalSplit:

@@ -110,6 +110,9 @@ def inspect_dataset(name: str, root_dir: str, annotation_format: str = "raw", te
         return report
     report.errors += annotation_problems(entries, layout.path_field)
     records = [e for e in entries if isinstance(e, dict) and e.get("split") in SPLITS]
+    if not report.errors and not layout.renumber_train_ids:
+        problem = layout.train_id_problem([int(e["id"]) for e in records if e["split"] == "train"])
+        report.errors += [problem] if problem else []
     for split in SPLITS:
         chosen = [e for e in records if e["split"] == split]
         captions = sum(len(e["captions"]) for e in chosen if isinstance(e.get("captions"), list))

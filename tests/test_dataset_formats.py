@@ -4,6 +4,7 @@ and tools/check_dataset.py on generated files with planted problems."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,20 @@ def test_check_dataset_warnings_and_a_clean_dataset(tmp_path, capsys):
     assert "1 identities are in both train and test" in out
     assert f"image {folder / 'imgs' / test_record['img_path']} has more than one record" in out
     assert "given twice" in out and "longer than 8 tokens" in out
+
+
+def test_check_dataset_names_training_ids_that_cannot_be_classes(tmp_path, capsys):
+    folder = generate_toy_dataset(tmp_path, **SMALL)
+    records = json.loads((folder / "reid_raw.json").read_text())
+    for record in records:
+        if record["split"] == "train" and record["id"] == 2:
+            record["id"] = 40
+    (folder / "reid_raw.json").write_text(json.dumps(records))
+    problem = "train ids must run from 1 without gaps (one ID-loss class each): 6 distinct ids from 1 to 40, id 2 is absent"
+    assert check_main(["--dataset_name", "CUHK-PEDES", "--root_dir", str(tmp_path)]) == 1
+    assert f"error: {problem}" in capsys.readouterr().out
+    with pytest.raises(DatasetError, match=f"^CUHK-PEDES {re.escape(problem)}$"):  # what training says
+        build_dataset("CUHK-PEDES", tmp_path)
 
 
 def test_check_dataset_on_a_missing_folder(tmp_path, capsys):
