@@ -8,6 +8,7 @@ Ctrl-C or SIGTERM stop with the command that continues the run.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -82,6 +83,17 @@ def saved_epoch(path: Path) -> int:
         return 0
 
 
+def finished_run_report(run_dir: Path, cfg) -> dict | None:
+    """The results of the run that ``--resume`` points at when it has trained all ``num_epoch`` epochs
+    and written ``results.json``; None when there is training (or its final test) left to do."""
+    results = run_dir / "results.json"
+    if not (cfg.resume or cfg.resume_ckpt_file) or not results.is_file():
+        return None
+    if saved_epoch(Path(cfg.resume_ckpt_file or run_dir / "last.pth")) < cfg.num_epoch:
+        return None
+    return json.loads(results.read_text())
+
+
 def continue_command(argv: list[str], run_dir: Path, flag: str = "--resume") -> str:
     """The command that resumes this run (``flag`` --resume) or starts it again (--overwrite)."""
     args = list(argv)
@@ -100,6 +112,12 @@ def main(argv: list[str] | None = None) -> dict:
     device = init_distributed(cfg.device)
     rank, world_size = get_rank(), get_world_size()
     cfg.output_dir = str(run_dir)
+    finished = finished_run_report(run_dir, cfg)
+    if finished is not None:  # resuming a run that is done: nothing to train, nothing rewritten
+        if rank == 0:
+            print(f"{run_dir} has trained all {cfg.num_epoch} epoch(s); results.json is unchanged (a larger "
+                  "--num_epoch trains on)")
+        return finished
     logger = setup_logger(None, "train_log.txt", quiet=rank != 0, defer=rank == 0)  # the file once checked
     set_seed(cfg.seed)  # the same initial weights on every rank
     configure_determinism(cfg.deterministic)

@@ -173,3 +173,23 @@ def test_seeds_script_runs_and_summarises(toy_root, tmp_path):
     assert seeds == [1, 2, 3]
     tables = [line for line in proc.stdout.splitlines() if line.startswith("| demo | CUHK-PEDES | 3 |")]
     assert len(tables) == 2  # at the selected and at the last epoch
+
+
+def test_seeds_script_names_a_failed_seed_and_summarises_the_others(toy_root, tmp_path):
+    env = {**os.environ, "PY": sys.executable, "OUT": str(tmp_path / "runs"), "GPUS": "0 1"}
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "seed_2").write_text("")  # seed 2's output_dir is a file: that run fails
+    flags = [*TINY, "--root_dir", str(toy_root), "--loss_names", "sdm+id", "--num_epoch", "1", "--device", "cpu"]
+    proc = subprocess.run(["bash", "run_scripts/seeds.sh", "configs/demo.yaml", "3", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    err = proc.stderr.splitlines()
+    assert f"seed 2 failed: error: output_dir {tmp_path / 'runs' / 'seed_2'} is a file, not a directory " \
+           f"(log: {tmp_path / 'runs' / 'seed_2.out'})" in err
+    assert err[-1] == "error: seed(s) 2 failed; the table above is over the others"
+    assert len([line for line in proc.stdout.splitlines() if line.startswith("| demo | CUHK-PEDES | 2 |")]) == 2
+    for bad, message in (("0", "error: N must be a whole number of seeds (1 or more), got '0'"),
+                         ("three", "error: N must be a whole number of seeds (1 or more), got 'three'")):
+        proc = subprocess.run(["bash", "run_scripts/seeds.sh", "configs/demo.yaml", bad], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert (proc.returncode, proc.stderr.strip()) == (2, message)

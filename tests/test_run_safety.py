@@ -5,6 +5,7 @@ files of the existing run byte for byte."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -44,6 +45,15 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(finished_run, to
     line = _refused(_args(toy_root, finished_run, "--num_epoch", "1"), capsys)
     assert line == (f"error: {finished_run} already holds a run (configs.yaml, train_log.txt, last.pth, best.pth); "
                     "continue it with --resume, or start over with --overwrite")
+    assert _hashes(finished_run) == before
+
+
+def test_resuming_a_finished_run_changes_nothing(finished_run, toy_root, capsys):
+    before = _hashes(finished_run)
+    report = train_entry.main(_args(toy_root, finished_run, "--num_epoch", "1", "--resume"))
+    assert report == json.loads((finished_run / "results.json").read_text())
+    assert capsys.readouterr().out.strip() == (f"{finished_run} has trained all 1 epoch(s); results.json is "
+                                               "unchanged (a larger --num_epoch trains on)")
     assert _hashes(finished_run) == before
 
 
@@ -245,7 +255,6 @@ def broken_root(tmp_path) -> Path:
 
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_malformed_annotations_are_named_before_training(broken_root, tmp_path, capsys, case):
-    import json
     path = broken_root / "CUHK-PEDES" / "reid_raw.json"
     path.write_text(json.dumps(_edit(json.loads(path.read_text()), case)))
     line = _refused(_args(broken_root, tmp_path / "run"), capsys)
@@ -254,7 +263,6 @@ def test_malformed_annotations_are_named_before_training(broken_root, tmp_path, 
 
 
 def test_non_utf8_annotations_and_empty_or_unreadable_splits(broken_root, tmp_path, capsys):
-    import json
     path = broken_root / "CUHK-PEDES" / "reid_raw.json"
     entries = json.loads(path.read_text())
     path.write_bytes(json.dumps(entries).encode("utf-8").replace(b"a ", "\u00e9 ".encode("latin-1"), 1))
@@ -303,7 +311,6 @@ def test_test_py_takes_a_run_directory_and_checks_its_counts(finished_run, tmp_p
 
 
 def test_unreadable_training_images_are_counted_before_training(broken_root, tmp_path, capsys):
-    import json
     entries = json.loads((broken_root / "CUHK-PEDES" / "reid_raw.json").read_text())
     train = [broken_root / "CUHK-PEDES" / "imgs" / e["file_path"] for e in entries if e["split"] == "train"]
     train[0].write_bytes(b"")
@@ -319,7 +326,6 @@ def test_unreadable_training_images_are_counted_before_training(broken_root, tmp
 
 
 def test_a_tolerated_share_of_unreadable_training_images_trains(broken_root, tmp_path, caplog):
-    import json
     entries = json.loads((broken_root / "CUHK-PEDES" / "reid_raw.json").read_text())
     first = next(e for e in entries if e["split"] == "train")["file_path"]
     (broken_root / "CUHK-PEDES" / "imgs" / first).write_bytes(b"")
@@ -355,7 +361,6 @@ def test_long_captions_are_counted(toy_root, tmp_path, caplog):
 
 
 def test_visualize_with_skipped_images_draws_the_ranked_gallery(finished_run, toy_root, tmp_path, monkeypatch):
-    import json
     import shutil
 
     import test as test_entry
