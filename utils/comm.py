@@ -42,6 +42,17 @@ def init_distributed(device_name: str) -> torch.device:
     return torch.device("cpu")
 
 
+def end_distributed(wait: bool) -> None:
+    """Leave the process group (if any) before the process exits: after every rank is done when
+    ``wait``, at once after an error. A gloo group torn down at interpreter exit, while another rank
+    still writes, can abort the process ("terminate called without an active exception")."""
+    if not is_distributed():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         dist.barrier()

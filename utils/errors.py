@@ -7,6 +7,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterator
 
+from .comm import end_distributed
+
 
 class UserError(Exception):
     """Base class of mistakes in input (config, data, checkpoints), not bugs."""
@@ -59,13 +61,18 @@ def interrupts_deferred() -> Iterator[None]:
 
 
 def run_cli(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run an entry point; a user mistake prints ``error: <one line>`` to stderr and returns 1."""
+    """Run an entry point; a user mistake prints ``error: <one line>`` to stderr and returns 1.
+    Under torchrun the process group is left before returning."""
+    finished = False
     try:
         main(argv)
+        finished = True
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return getattr(err, "exit_code", 1)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return Interrupted.exit_code
+    finally:
+        end_distributed(wait=finished)
     return 0
