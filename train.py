@@ -30,7 +30,7 @@ from processor.evaluation import Evaluator
 from processor.processor import do_train, metric_blocks
 from solver.build import build_lr_scheduler, build_optimizer
 from utils.checkpoint import load_training_state
-from utils.errors import ConfigError, Interrupted, UserError, run_cli, sigterm_as_interrupt
+from utils.errors import ConfigError, Interrupted, UserError, WriteError, run_cli, sigterm_as_interrupt
 from utils.comm import get_rank, get_world_size, init_distributed
 from utils.iotools import configure_determinism, log_to_file, open_log_file, set_seed, setup_logger
 from utils.metrics import results_table
@@ -180,6 +180,12 @@ def main(argv: list[str] | None = None) -> dict:
             if saved else f"nothing was saved yet; start again with: {continue_command(argv, run_dir, '--overwrite')}"
         log_to_file(f"interrupted: {where}")
         raise Interrupted(f"interrupted in epoch {saved + 1}: {where}") from None
+    except WriteError as err:  # e.g. the disk filled up: say what is still saved and how to go on
+        saved = saved_epoch(run_dir / "last.pth")
+        where = f"last.pth holds epoch {saved}; make room, then continue with: {continue_command(argv, run_dir)}" \
+            if saved else "nothing was saved yet"
+        log_to_file(f"error: {err}; {where}")
+        raise WriteError(f"{err}; {where}") from None
     except UserError as err:
         log_to_file(f"error: {err}")
         raise

@@ -189,6 +189,51 @@ def test_an_interruption_before_the_first_save_says_how_to_start_again(toy_root,
     assert (run / "last.pth").is_file()
 
 
+def test_a_full_disk_keeps_the_saved_epoch_and_says_how_to_continue(toy_root, tmp_path, monkeypatch, capsys):
+    import errno
+    import re
+    import shlex
+    run = tmp_path / "full"
+    args = _args(toy_root, run, "--num_epoch", "2")
+    real_fsync = os.fsync
+
+    def disk_full_after_epoch_one(fd):
+        if (run / "last.pth").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", disk_full_after_epoch_one)
+        line = _refused(args, capsys)
+    match = re.fullmatch(rf"error: cannot write {re.escape(str(run))}/(\w+\.\w+) \(No space left on device; \d+ MB free "
+                         r"there\); the previous \1, if any, is unchanged; last.pth holds epoch 1; make room, then "
+                         r"continue with: (.*)", line)
+    assert match, line
+    assert f"error: cannot write {run}" in (run / "train_log.txt").read_text()  # the log has it too
+    assert torch.load(run / "last.pth", weights_only=False)["epoch"] == 1
+    assert not list(run.glob(".*.tmp"))  # no partial file left
+    command = shlex.split(match.group(2))
+    train_entry.main(command[2:])  # the command it gave, once there is room
+    assert json.loads((run / "results.json").read_text())["last"]["epoch"] == 2
+
+
+def test_atomic_writes_name_a_failed_write_and_pass_on_other_errors(tmp_path):
+    from utils.errors import WriteError
+    from utils.iotools import _atomic_write
+    (tmp_path / "f.pth").write_bytes(b"old")
+
+    def zip_writer_failure(f):  # how torch.save reports a write that failed under its zip writer
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+    with pytest.raises(WriteError, match=r"cannot write .*f\.pth \(\[enforce fail .*\d+ MB free there\); "
+                                         r"the previous f\.pth, if any, is unchanged"):
+        _atomic_write(tmp_path / "f.pth", zip_writer_failure)
+
+    def bug(f):
+        raise RuntimeError("a bug, not a write")
+    with pytest.raises(RuntimeError, match="a bug"):
+        _atomic_write(tmp_path / "f.pth", bug)
+    assert [p.name for p in tmp_path.iterdir()] == ["f.pth"] and (tmp_path / "f.pth").read_bytes() == b"old"
+
+
 CONFIG_CASES = {
     ("--lr", "-1"): "lr must be greater than 0, got -1.0",
     ("--lr", "0"): "lr must be greater than 0, got 0.0",

@@ -18,6 +18,10 @@ class ConfigError(UserError, ValueError):
     """Unknown config key, bad value, unknown head or dataset name."""
 
 
+class WriteError(UserError):
+    """A file could not be written (disk full, quota, read-only); the previous version is intact."""
+
+
 class Interrupted(UserError):
     """Ctrl-C or SIGTERM; the message says what was saved and how to continue."""
     exit_code = 130

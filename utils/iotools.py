@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import random
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import interrupts_deferred
+from .errors import WriteError, interrupts_deferred
 
 
 FORMAT = logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -61,9 +62,13 @@ def open_log_file(path: str | Path, append: bool = False) -> None:
 def log_to_file(text: str) -> None:
     """Write ``text`` as an ERROR line into the log file only (the console shows it another way)."""
     record = logging.LogRecord("tbps", logging.ERROR, __file__, 0, text, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler) and getattr(handler, "tbps", False):
-            handler.handle(record)
+    previous, logging.raiseExceptions = logging.raiseExceptions, False  # a full disk: no logging traceback
+    try:
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and getattr(handler, "tbps", False):
+                handler.handle(record)
+    finally:
+        logging.raiseExceptions = previous
 
 
 def set_seed(seed: int) -> None:
@@ -96,20 +101,36 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def _write_and_rename(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions of a new file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        # torch.save reports a failed write of its zip archive as a RuntimeError of its writer
+        if isinstance(err, OSError) or (isinstance(err, RuntimeError) and "inline_container" in str(err)):
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+            raise WriteError(f"cannot write {path} ({reason}; {free_megabytes(path.parent)} MB free there); "
+                             f"the previous {path.name}, if any, is unchanged") from None
         raise
+
+
+def free_megabytes(folder: Path) -> int | str:
+    """Free space where ``folder`` (or its nearest existing parent) lives; '?' when unknown."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    try:
+        return shutil.disk_usage(existing).free // 2**20
+    except (OSError, TypeError):
+        return "?"
 
 
 def save_checkpoint(obj: dict[str, Any], path: str | Path) -> None:
