@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 from datasets import build_dataset
@@ -210,13 +211,31 @@ def carve_val_split(cfg, dataset) -> None:
 
 
 def start_run_directory(run_dir: Path, cfg, continuing: bool) -> None:
-    """Create (or, with --overwrite, clear) the run directory, write configs.yaml and start the log."""
+    """Create (or, with --overwrite, clear) the run directory, write configs.yaml and start the log;
+    a resumed run logs the settings that differ from those it was started with."""
     if cfg.overwrite and not continuing:
         for name in run_files(run_dir):
             (run_dir / name).unlink()
+    changed = changed_settings(run_dir / "configs.yaml", cfg) if continuing else []
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "configs.yaml")
     open_log_file(run_dir / "train_log.txt", append=continuing)
+    if changed:
+        logging.getLogger("tbps").warning("resumed with settings that differ from the run's configs.yaml (which "
+                                          "now records the new ones): %s", ", ".join(changed))
+
+
+def changed_settings(saved: Path, cfg) -> list[str]:
+    """``key: old -> new`` for each setting of ``cfg`` that differs from the config file ``saved``."""
+    if not saved.is_file():
+        return []
+    try:
+        before = yaml.safe_load(saved.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    ignored = {"resume", "resume_ckpt_file", "overwrite"}
+    return [f"{key}: {before.get(key)!r} -> {value!r}" for key, value in sorted(vars(cfg).items())
+            if key not in ignored and before.get(key) != value]
 
 
 if __name__ == "__main__":

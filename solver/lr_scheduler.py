@@ -51,3 +51,15 @@ class WarmupScheduler(LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Take only the progress (steps taken) from a checkpoint; the schedule itself (base lrs,
+        warmup, horizon) stays this config's. A resumed run with a larger ``num_epoch`` or another
+        ``lr`` thus follows the new schedule from where it stopped; torch's default restores every
+        attribute, so the old horizon stayed and past it the cosine climbed back up. With the same
+        config the result is the same as torch's (exact resume)."""
+        self.last_epoch = state_dict["last_epoch"]
+        self._step_count = state_dict.get("_step_count", self.last_epoch + 1)
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

@@ -57,6 +57,19 @@ def test_resuming_a_finished_run_changes_nothing(finished_run, toy_root, capsys)
     assert _hashes(finished_run) == before
 
 
+def test_a_resumed_run_logs_the_settings_that_changed(toy_root, tmp_path):
+    import yaml
+    run = tmp_path / "longer"
+    train_entry.main(_args(toy_root, run, "--num_epoch", "1"))
+    train_entry.main(_args(toy_root, run, "--num_epoch", "2", "--lr", "2e-3", "--resume"))
+    log = (run / "train_log.txt").read_text()
+    assert ("resumed with settings that differ from the run's configs.yaml (which now records the new ones): "
+            "lr: 0.001 -> 0.002, num_epoch: 1 -> 2\n") in log
+    saved = yaml.safe_load((run / "configs.yaml").read_text())
+    assert (saved["lr"], saved["num_epoch"]) == (2e-3, 2)
+    assert json.loads((run / "results.json").read_text())["last"]["epoch"] == 2
+
+
 def test_overwrite_starts_over_cleanly(finished_run, toy_root, tmp_path):
     run = tmp_path / "again"
     train_entry.main(_args(toy_root, run, "--num_epoch", "1"))

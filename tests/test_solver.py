@@ -240,3 +240,49 @@ def test_a_head_can_give_a_parameter_its_own_lr_weight_decay_and_eps():
     assert (encoder["lr"], encoder["weight_decay"], encoder["eps"]) == (1e-5, 4e-5, 1e-3)  # the recipe's
     cfg.optimizer = "SGD"
     assert all("eps" not in g for g in build_optimizer(cfg, model).param_groups)
+
+
+def _scheduled(total: int, lr: float = 1e-3, steps: int = 0, state: dict | None = None):
+    """An optimizer and WarmupScheduler (total epochs, warmup 2, cosine), ``steps`` steps in or from ``state``."""
+    from solver.lr_scheduler import WarmupScheduler
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=lr)
+    sched = WarmupScheduler(opt, total_epochs=total, warmup_epochs=2)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+    return opt, sched
+
+
+def test_a_resumed_schedule_keeps_the_progress_and_takes_the_new_config():
+    from torch.optim.lr_scheduler import LRScheduler
+    opt, sched = _scheduled(total=4, steps=3)
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}
+    same_opt, same = _scheduled(total=4, state=state)  # unchanged config: exact resume
+    assert same.last_epoch == 3 and same_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+    same_opt.step(), same.step(), opt.step(), sched.step()
+    assert same.get_last_lr() == sched.get_last_lr()
+    # num_epoch 4 -> 8 on --resume: epochs 4..8 follow the 8-epoch schedule, as a run planned for 8 would
+    longer_opt, longer = _scheduled(total=8, state=state)
+    planned_opt, planned = _scheduled(total=8, steps=3)
+    lrs = []
+    for _ in range(5):
+        assert longer_opt.param_groups[0]["lr"] == planned_opt.param_groups[0]["lr"]
+        lrs.append(longer_opt.param_groups[0]["lr"])
+        longer_opt.step(), longer.step(), planned_opt.step(), planned.step()
+    assert lrs == sorted(lrs, reverse=True)  # the cosine only falls
+    # torch's own load_state_dict keeps the 4-epoch horizon: past it the cosine climbs back up
+    old_opt, old = _scheduled(total=8)
+    old_opt.load_state_dict(state["optimizer"])
+    LRScheduler.load_state_dict(old, state["scheduler"])
+    old_lrs = []
+    for _ in range(5):
+        old_opt.step(), old.step()
+        old_lrs.append(old_opt.param_groups[0]["lr"])
+    assert old_lrs[0] == 0 and old_lrs[2] == pytest.approx(1e-3)  # down to 0 at epoch 4, back to the base lr
+    # another lr on --resume takes effect at once, at the same point of the schedule
+    lower_opt, lower = _scheduled(total=4, lr=1e-4, state=state)
+    assert lower_opt.param_groups[0]["lr"] == lower.lr_at(1e-4, 3) == pytest.approx(sched.lr_at(1e-3, 3) / 10)
