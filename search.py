@@ -23,7 +23,7 @@ import torch
 from gallery.index import AMP_DTYPES, SearchIndex, update_index
 from gallery.searcher import Hit, Searcher
 from gallery.server import MAX_K, serve
-from model.run import load_trained_run
+from model.run import load_trained_run, run_config_file
 from utils.errors import UserError, run_cli
 from utils.iotools import resolve_device
 from utils.visualize import retrieval_grid
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     index = commands.add_parser("index", help="embed the images of a folder into an index file")
-    index.add_argument("--config_file", required=True, help="the run's configs.yaml (its best.pth is used)")
+    index.add_argument("--config_file", required=True, help="the run's configs.yaml or directory (its best.pth is used)")
     index.add_argument("--images", required=True, type=Path, help="folder of images (searched recursively)")
     index.add_argument("--index", required=True, type=Path, help="index file to create or update")
     index.add_argument("--batch_size", type=int, default=64)
@@ -89,7 +89,7 @@ def run_index(args, device: torch.device):
 
 def open_searcher(index_path: Path, config_file: str | None, device: torch.device) -> Searcher:
     index = SearchIndex.load(index_path)
-    config = Path(config_file or index.run.config_file)
+    config = run_config_file(config_file or index.run.config_file)
     if not config.is_file():
         raise UserError(f"the run that made {index_path} is not at {config} any more; give its --config_file")
     return Searcher(load_trained_run(config), index, device)

@@ -21,7 +21,7 @@ from datasets.transforms import NORMALIZATION, transforms_from_config
 from model.build import TBPSModel, build_encoder, build_model
 from model.heads import parse_loss_names
 from model.heads.tir import patchify, to_grayscale, unpatchify
-from model.run import load_run_checkpoint
+from model.run import load_run_checkpoint, run_config_file
 from processor.evaluation import Evaluation, Evaluator
 from utils.comm import get_rank, get_world_size, init_distributed
 from utils.errors import ConfigError, run_cli
@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--visualize_tir", type=count, metavar="N",
                         help="write OUTPUT/restoration.png: N test captions with the tir head's restoration")
     args = parser.parse_args(argv)
-    if getattr(args, "config_file", "") and Path(args.config_file).is_dir():  # a run directory
-        args.config_file = str(Path(args.config_file) / "configs.yaml")
+    if getattr(args, "config_file", ""):
+        args.config_file = str(run_config_file(args.config_file))
     zero_shot = vars(args).pop("zero_shot", False)
     save_features = vars(args).pop("save_features", False)
     visualize = vars(args).pop("visualize", 0)

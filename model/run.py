@@ -80,9 +80,15 @@ def run_architecture(run_dir: str | Path) -> dict:
     return arch
 
 
+def run_config_file(path: str | Path) -> Path:
+    """A run's ``configs.yaml``, given that file or the run directory."""
+    path = Path(path)
+    return path / "configs.yaml" if path.is_dir() else path
+
+
 def load_trained_run(config_file: str | Path) -> TrainedRun:
-    """The model of ``RUN/configs.yaml`` with the weights of ``RUN/best.pth``."""
-    config_file = Path(config_file).resolve()
+    """The model of ``RUN/configs.yaml`` (or ``RUN``) with the weights of ``RUN/best.pth``."""
+    config_file = run_config_file(config_file).resolve()
     cfg = resolve(build_parser("").parse_args(["--config_file", str(config_file)]))
     checkpoint = config_file.parent / "best.pth"
     model = build_model(cfg, cfg.num_classes, load_weights=False)

@@ -232,9 +232,10 @@ def test_query_command_line(run_config, toy_root, gallery, tmp_path, capsys):
         assert sheet.size == grid_size(2, 3, labelled=True)
     moved = tmp_path / "moved"
     shutil.copytree(run_config.parent, moved)
-    search_entry.main(["query", "--index", str(tmp_path / "idx"), "--config_file", str(moved / "configs.yaml"),
-                       "--json", captions[0]])
-    assert json.loads(capsys.readouterr().out)[0]["path"] == expected[0].path
+    for config in (moved / "configs.yaml", moved):  # the run's config file, or its directory
+        search_entry.main(["query", "--index", str(tmp_path / "idx"), "--config_file", str(config),
+                           "--json", captions[0]])
+        assert json.loads(capsys.readouterr().out)[0]["path"] == expected[0].path
     for argv, message in ((["query", "--index", str(tmp_path / "idx")], "give sentences to search for"),
                           (["query", "--index", str(tmp_path / "nope"), "x"], "index not found"),
                           (["query", "--index", str(tmp_path / "idx"), "   "], "empty query")):
