@@ -139,7 +139,8 @@ def _check_images(layout, records: list[dict], report: DatasetReport) -> None:
             report.warnings.append(f"image {path} has more than one record")
         seen.add(path)
     present = [p for p in sorted(seen) if Path(p).is_file()]
-    report.errors += [f"missing image {p}" for p in sorted(seen) if not Path(p).is_file()]
+    report.errors += [f"{'image path is not a file:' if Path(p).exists() else 'missing image'} {p}"
+                      for p in sorted(seen) if not Path(p).is_file()]
     report.errors += [f"unreadable image {p}" for p in unreadable_images(present)]
 
 

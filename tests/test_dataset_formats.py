@@ -149,6 +149,16 @@ def test_check_dataset_warnings_and_a_clean_dataset(tmp_path, capsys):
     assert "given twice" in out and "longer than 8 tokens" in out
 
 
+def test_check_dataset_names_an_image_path_that_is_a_folder(tmp_path, capsys):
+    folder = generate_toy_dataset(tmp_path, **SMALL)
+    record = json.loads((folder / "reid_raw.json").read_text())[2]
+    image = folder / "imgs" / record["file_path"]
+    image.unlink()
+    image.mkdir()
+    assert check_main(["--dataset_name", "CUHK-PEDES", "--root_dir", str(tmp_path)]) == 1
+    assert f"error: image path is not a file: {image}\n" in capsys.readouterr().out
+
+
 def test_check_dataset_names_training_ids_that_cannot_be_classes(tmp_path, capsys):
     folder = generate_toy_dataset(tmp_path, **SMALL)
     records = json.loads((folder / "reid_raw.json").read_text())
