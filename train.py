@@ -59,13 +59,17 @@ def run_files(run_dir: Path) -> list[str]:
         sorted(p.name for p in run_dir.glob("events.out.tfevents.*"))
 
 
+def continues(cfg) -> bool:
+    """Whether the command continues a run (``--resume`` or ``--resume_ckpt_file``)."""
+    return bool(cfg.resume or cfg.resume_ckpt_file)
+
+
 def check_run_directory(run_dir: Path, cfg) -> None:
     """Refuse, before anything is written, a run directory that cannot take this command."""
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"output_dir {run_dir} is a file, not a directory")
     existing = run_files(run_dir)
-    continuing = cfg.resume or cfg.resume_ckpt_file
-    if existing and not continuing and not cfg.overwrite:
+    if existing and not continues(cfg) and not cfg.overwrite:
         if "last.pth" not in existing:  # nothing to resume (interrupted before the first save, or imported)
             raise ConfigError(f"{run_dir} already holds a run without last.pth to resume ({', '.join(existing[:4])}); "
                               "start over with --overwrite, or choose another --output_dir")
@@ -88,11 +92,19 @@ def finished_run_report(run_dir: Path, cfg) -> dict | None:
     """The results of the run that ``--resume`` points at when it has trained all ``num_epoch`` epochs
     and written ``results.json``; None when there is training (or its final test) left to do."""
     results = run_dir / "results.json"
-    if not (cfg.resume or cfg.resume_ckpt_file) or not results.is_file():
+    if not continues(cfg) or not results.is_file():
         return None
     if saved_epoch(Path(cfg.resume_ckpt_file or run_dir / "last.pth")) < cfg.num_epoch:
         return None
     return json.loads(results.read_text())
+
+
+def what_is_saved(argv: list[str], run_dir: Path, advice: str = "") -> tuple[int, str]:
+    """(the epoch ``last.pth`` holds, 0 if none; a sentence saying so with the command that goes on)."""
+    saved = saved_epoch(run_dir / "last.pth")
+    if saved:
+        return saved, f"last.pth holds epoch {saved}; {advice}continue with: {continue_command(argv, run_dir)}"
+    return 0, f"nothing was saved yet; {advice}start again with: {continue_command(argv, run_dir, '--overwrite')}"
 
 
 def continue_command(argv: list[str], run_dir: Path, flag: str = "--resume") -> str:
@@ -158,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = build_optimizer(cfg, model)
     scheduler = build_lr_scheduler(cfg, optimizer, -(-len(train_loader) // cfg.accum_steps))
     start_epoch, best, scaler_state = 1, None, None
-    continuing = cfg.resume or bool(cfg.resume_ckpt_file)
+    continuing = continues(cfg)
     if continuing:
         checkpoint = Path(cfg.resume_ckpt_file or run_dir / "last.pth")
         done, best, scaler_state = load_training_state(checkpoint, model, optimizer, scheduler, generator)
@@ -176,15 +188,11 @@ def main(argv: list[str] | None = None) -> dict:
             report = do_train(cfg, trained, train_loader, evaluators[cfg.val_dataset], optimizer, scheduler, run_dir,
                               device, generator, start_epoch, best, scaler_state, evaluators["test"])
     except KeyboardInterrupt:
-        saved = saved_epoch(run_dir / "last.pth")
-        where = f"last.pth holds epoch {saved}; continue with: {continue_command(argv, run_dir)}" \
-            if saved else f"nothing was saved yet; start again with: {continue_command(argv, run_dir, '--overwrite')}"
+        saved, where = what_is_saved(argv, run_dir)
         log_to_file(f"interrupted: {where}")
         raise Interrupted(f"interrupted in epoch {saved + 1}: {where}") from None
     except WriteError as err:  # e.g. the disk filled up: say what is still saved and how to go on
-        saved = saved_epoch(run_dir / "last.pth")
-        where = f"last.pth holds epoch {saved}; make room, then continue with: {continue_command(argv, run_dir)}" \
-            if saved else "nothing was saved yet"
+        _, where = what_is_saved(argv, run_dir, "make room, then ")
         log_to_file(f"error: {err}; {where}")
         raise WriteError(f"{err}; {where}") from None
     except UserError as err:

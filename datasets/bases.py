@@ -206,11 +206,12 @@ class BaseDataset:
         """Why the annotation's training ids cannot be ID-loss classes as they are (None: they can):
         they must run from 0 (1 where the dataset numbers from 1) without gaps."""
         first = int(self.one_based_train_ids)
-        present = sorted(set(ids))
+        unique = set(ids)
+        present = sorted(unique)
         if present == list(range(first, first + len(present))):
             return None
         culprit = (f"id {present[0]} is below {first}" if present[0] < first else
-                   f"id {next(i for i in range(first, first + len(present)) if i not in set(present))} is absent")
+                   f"id {next(i for i in range(first, first + len(present)) if i not in unique)} is absent")
         return (f"train ids must run from {first} without gaps (one ID-loss class each): {len(present)} distinct "
                 f"ids from {present[0]} to {present[-1]}, {culprit}")
 

@@ -113,13 +113,13 @@ def inspect_dataset(name: str, root_dir: str, annotation_format: str = "raw", te
     if not report.errors and not layout.renumber_train_ids:
         problem = layout.train_id_problem([int(e["id"]) for e in records if e["split"] == "train"])
         report.errors += [problem] if problem else []
+    ids = {split: {str(e.get("id")) for e in records if e["split"] == split} for split in SPLITS}
     for split in SPLITS:
         chosen = [e for e in records if e["split"] == split]
         captions = sum(len(e["captions"]) for e in chosen if isinstance(e.get("captions"), list))
-        report.counts[split] = (len({str(e.get("id")) for e in chosen}), len(chosen), captions)
+        report.counts[split] = (len(ids[split]), len(chosen), captions)
     _check_images(layout, records, report)
     _check_captions(records, report, text_length)
-    ids = {split: {str(e.get("id")) for e in records if e["split"] == split} for split in SPLITS}
     for a, b in (("train", "test"), ("train", "val"), ("val", "test")):
         shared = sorted(ids[a] & ids[b])
         if shared:
@@ -138,9 +138,12 @@ def _check_images(layout, records: list[dict], report: DatasetReport) -> None:
         if path in seen:
             report.warnings.append(f"image {path} has more than one record")
         seen.add(path)
-    present = [p for p in sorted(seen) if Path(p).is_file()]
-    report.errors += [f"{'image path is not a file:' if Path(p).exists() else 'missing image'} {p}"
-                      for p in sorted(seen) if not Path(p).is_file()]
+    present = []
+    for path in sorted(seen):
+        if Path(path).is_file():
+            present.append(path)
+        else:
+            report.errors.append(f"{'image path is not a file:' if Path(path).exists() else 'missing image'} {path}")
     report.errors += [f"unreadable image {p}" for p in unreadable_images(present)]
 
 

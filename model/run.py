@@ -42,16 +42,12 @@ def _checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def _model_state(path: Path) -> dict[str, torch.Tensor]:
-    return _checkpoint(path)["model"]
-
-
 def initialise_from_run(model: TBPSModel, run_dir: str | Path) -> list[str]:
     """Load ``RUN_DIR/best.pth`` into ``model`` to start training from it (e.g. an imported run):
     every encoder tensor must fit; head tensors load where our model has the same name and shape,
     the others are reported. Returns the report lines."""
     path = Path(run_dir) / "best.pth"
-    state = _model_state(path)
+    state = _checkpoint(path)["model"]
     own = model.state_dict()
     encoder = [k for k in own if k.startswith("encoder.")]
     misfit = [k for k in encoder if k not in state or state[k].shape != own[k].shape]
@@ -74,10 +70,15 @@ def run_architecture(run_dir: str | Path) -> dict:
     config = Path(run_dir) / "configs.yaml"
     if not config.is_file():
         raise CheckpointError(f"init_from: no configs.yaml in {run_dir}")
-    arch = resolve(build_parser("").parse_args(["--config_file", str(config)])).__dict__.get("clip")
+    arch = getattr(read_run_config(config), "clip", None)
     if not arch:
         raise CheckpointError(f"init_from: {config} does not describe its encoder (no clip section)")
     return arch
+
+
+def read_run_config(config_file: str | Path) -> SimpleNamespace:
+    """A run's ``configs.yaml``, resolved (every key checked, defaults filled in)."""
+    return resolve(build_parser("").parse_args(["--config_file", str(config_file)]))
 
 
 def run_config_file(path: str | Path) -> Path:
@@ -89,7 +90,7 @@ def run_config_file(path: str | Path) -> Path:
 def load_trained_run(config_file: str | Path) -> TrainedRun:
     """The model of ``RUN/configs.yaml`` (or ``RUN``) with the weights of ``RUN/best.pth``."""
     config_file = run_config_file(config_file).resolve()
-    cfg = resolve(build_parser("").parse_args(["--config_file", str(config_file)]))
+    cfg = read_run_config(config_file)
     checkpoint = config_file.parent / "best.pth"
     model = build_model(cfg, cfg.num_classes, load_weights=False)
     load_run_checkpoint(model, checkpoint)

@@ -18,10 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from model.run import read_run_config  # noqa: E402
 from model.run_import import SOURCES, import_run  # noqa: E402
 from utils.errors import UserError, run_cli  # noqa: E402
 from utils.iotools import save_checkpoint, write_json  # noqa: E402
-from utils.options import build_parser, resolve, save_config  # noqa: E402
+from utils.options import save_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> Path:
     cfg, state, report = import_run(args.source, args.src, args.output_dir, args.dataset_name)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, args.output_dir / "configs.yaml")
-    resolve(build_parser("").parse_args(["--config_file", str(args.output_dir / "configs.yaml")]))  # validates
+    read_run_config(args.output_dir / "configs.yaml")  # validates what was written
     save_checkpoint({"model": state, "epoch": 0, "imported_from": str(args.src.resolve())},
                     args.output_dir / "best.pth")
     write_json({"source": report.source, "source_dir": str(args.src.resolve()), "loss_names": report.loss_names,
