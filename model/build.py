@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.errors import ConfigError
+
 from .clip import CLIPConfig, CLIPEncoder
 from .clip_loading import build_clip_encoder
 from .clip_sources import clip_weights
@@ -94,9 +96,13 @@ def configure_heads(cfg, dataset, tokenizer) -> None:
 
 def build_model(cfg, num_classes: int, load_weights: bool = True) -> TBPSModel:
     """The encoder and the heads of ``loss_names`` (with the heads they require)."""
+    names = with_required(parse_loss_names(cfg.loss_names))
+    for name in names:
+        if HEADS[name].whole_batch and cfg.accum_steps != 1:
+            raise ConfigError(f"head '{name}' needs the whole batch in one step: set accum_steps 1 (got "
+                              f"{cfg.accum_steps}); the batch_size is the global batch")
     encoder = build_encoder(cfg, load_weights)
-    heads = {name: HEADS[name].from_config(cfg, encoder.config, num_classes)
-             for name in with_required(parse_loss_names(cfg.loss_names))}
+    heads = {name: HEADS[name].from_config(cfg, encoder.config, num_classes) for name in names}
     for head in heads.values():
         head.bind(heads, encoder)
     return TBPSModel(encoder, heads)

@@ -89,6 +89,9 @@ class Head(nn.Module):
     needs_attention: ClassVar[bool] = False
     # Optimizer role of child modules ('cross' or 'classifier'); other parameters are 'base'.
     param_roles: ClassVar[dict[str, str]] = {}
+    # True: the loss compares each sample with the whole (global) batch, so gradient accumulation
+    # (accum_steps > 1) would change it; building such a head with it is a config error.
+    whole_batch: ClassVar[bool] = False
     # >0: this head re-scores each query's first-stage top ``rerank_k`` gallery items.
     rerank_k: int = 0
 

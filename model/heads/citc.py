@@ -8,7 +8,7 @@ from ..objectives import cyclic_itc
 from .base import Head
 from .contrastive import loss_weight
 from .registry import register_head
-from .tbps_common import normalised_batch, single_step_batches
+from .tbps_common import normalised_batch
 
 
 @register_head
@@ -17,6 +17,7 @@ class CITCHead(Head):
     lambda is 4N times larger); the logit scale cancels, so this head needs none."""
     name = "citc"
     method = "TBPS-CLIP"
+    whole_batch = True
     summary = "cyclic ITC: in-modal and cross-modal similarity consistency (λ 0.25 + 0.25)"
     settings = (loss_weight("citc", 0.1, " (TBPS-CLIP: 0.1)"),
                 Setting("citc_lambda_in", 0.25, "weight of the in-modal term (u_i.u_j vs v_i.v_j)", low=0.0),
@@ -28,7 +29,6 @@ class CITCHead(Head):
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):
-        single_step_batches(cfg, cls.name)
         return cls(cfg.citc_loss_weight, cfg.citc_lambda_in, cfg.citc_lambda_cross)
 
     def forward(self, batch, out, encoder):

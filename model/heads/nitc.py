@@ -7,7 +7,7 @@ from utils.settings import PROBABILITY, Setting
 from ..objectives import soft_label_itc
 from .contrastive import loss_weight
 from .registry import register_head
-from .tbps_common import SoftLabelHead, normalised_batch, single_step_batches, soft_text
+from .tbps_common import SoftLabelHead, normalised_batch, soft_text
 
 
 @register_head
@@ -23,7 +23,6 @@ class NITCHead(SoftLabelHead):
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):
-        single_step_batches(cfg, cls.name)
         return cls(cfg.nitc_loss_weight, cfg.nitc_softlabel_ratio)
 
     def forward(self, batch, out, encoder):

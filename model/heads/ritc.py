@@ -7,7 +7,7 @@ from utils.settings import Setting
 from ..objectives import reversed_itc
 from .contrastive import loss_weight
 from .registry import register_head
-from .tbps_common import ScaledHead, normalised_batch, single_step_batches
+from .tbps_common import ScaledHead, normalised_batch
 
 
 @register_head
@@ -24,7 +24,6 @@ class RITCHead(ScaledHead):
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):
-        single_step_batches(cfg, cls.name)
         return cls(cfg.ritc_loss_weight, cfg.ritc_eps)
 
     def forward(self, batch, out, encoder):

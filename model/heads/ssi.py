@@ -15,7 +15,6 @@ from ..objectives import simclr_loss
 from .base import Head
 from .contrastive import loss_weight
 from .registry import register_head
-from .tbps_common import single_step_batches
 
 
 @register_head
@@ -25,6 +24,7 @@ class SSIHead(Head):
     the encoder's lr and weight decay."""
     name = "ssi"
     method = "TBPS-CLIP"
+    whole_batch = True
     summary = "SimCLR image self-supervision on two views (`images_ss`) through an MLP, τ 0.1"
     settings = (loss_weight("ssi", 0.4, " (TBPS-CLIP: 0.4)"),
                 Setting("ssi_temperature", 0.1, "NT-Xent temperature of ssi (TBPS-CLIP: 0.1)", above=0.0),
@@ -39,7 +39,6 @@ class SSIHead(Head):
 
     @classmethod
     def from_config(cls, cfg, encoder_cfg, num_classes):
-        single_step_batches(cfg, cls.name)
         if cfg.image_cache:
             raise ConfigError("head 'ssi' crops its views from the original images: it cannot use image_cache "
                               "(whose images are already resized)")

@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.comm import all_gather_no_grad
-from utils.errors import ConfigError
 from utils.settings import Setting
 
 from ..objectives import identity_targets
@@ -60,16 +59,10 @@ class LogitScaleHead(Head):
         return {"logit_scale": self.value().detach()}
 
 
-def single_step_batches(cfg, name: str) -> None:
-    """TBPS-CLIP's losses compare each sample with the whole batch: accumulation would change them."""
-    if cfg.accum_steps != 1:
-        raise ConfigError(f"head '{name}' needs the whole batch in one step: set accum_steps 1 (got "
-                          f"{cfg.accum_steps}); the batch_size is the global batch")
-
-
 class ScaledHead(Head):
-    """A head using the shared learnable logit scale."""
+    """A head using the shared learnable logit scale (over the whole batch)."""
     requires = ("logit_scale",)
+    whole_batch = True
 
     def bind(self, heads, encoder) -> None:
         self._scale = {"head": heads["logit_scale"]}  # a plain dict: its parameter stays registered there once
